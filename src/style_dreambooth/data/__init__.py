@@ -1,0 +1,1 @@
+"""Image loading and validation, datasets, captions and the class-image cache."""

@@ -1,0 +1,1 @@
+"""Image generation with a trained model: schedulers, PNG metadata and grids."""
