@@ -1,0 +1,171 @@
+"""Command line: parse, call the library, report. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import TrainConfig, build_config, field_aliases, read_yaml
+from .errors import UserError
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("style_dreambooth").setLevel(level)
+    for noisy in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list
+
+
+def _config_options(func):
+    """Add one option per TrainConfig field (dashed spelling, plus its aliases).
+
+    Every option defaults to None so that only flags the user gave override the config file.
+    """
+    for name in reversed(list(TrainConfig.model_fields)):
+        field = TrainConfig.model_fields[name]
+        flags = [f"--{alias.replace('_', '-')}" for alias in field_aliases(name)]
+        help_text = field.description or ""
+        if not field.is_required() and field.default not in (None, []):
+            help_text += f" [default: {field.default}]"
+        if _is_bool(field.annotation):
+            plain = flags[0][2:]
+            off = "--no-" + plain.removeprefix("with-").removeprefix("use-")
+            option = click.Option([f"{flags[0]}/{off}", *flags[1:], name], default=None, show_default=False, help=help_text)
+        elif _is_list(field.annotation):
+            option = click.Option([*flags, name], multiple=True, default=None, show_default=False, help=help_text)
+        else:
+            option = click.Option([*flags, name], default=None, show_default=False, help=help_text)
+        func.__click_params__ = getattr(func, "__click_params__", [])
+        func.__click_params__.append(option)
+    return func
+
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="style-dreambooth")
+def app(verbose: bool) -> None:
+    """Learn an artist's style with DreamBooth on Stable Diffusion, then paint new subjects in it."""
+    _setup_logging(verbose)
+
+
+@app.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file of options; flags win.")
+@_config_options
+def train(config_file: Path | None, **flags: Any) -> None:
+    """Fine-tune a Stable Diffusion 1.x model on a folder of style images (DreamBooth)."""
+    from .training.loop import train as run_training
+
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items() if v not in (None, ())}
+    file_values = read_yaml(config_file) if config_file else {}
+    cfg = build_config(file_values, given)
+    model_dir = run_training(cfg)
+    click.echo(f"done: {model_dir}")
+
+
+@app.command()
+@click.option("--model", required=True, help="Run folder, diffusers folder, .safetensors file or hub id.")
+@click.option("--prompt", required=True, help="What to paint.")
+@click.option("--negative-prompt", default="", help="What to avoid.")
+@click.option("-n", "--num-images", "n", default=4, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--steps", default=25, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option(
+    "--scheduler", default="dpm++", show_default=True, type=click.Choice(["dpm++", "ddim", "euler-a", "pndm"])
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--width", type=int, default=None, help="Default: the model's native size.")
+@click.option("--height", type=int, default=None, help="Default: the model's native size.")
+@click.option("--checkpoint", default=None, help="With a run folder: 'latest' or step-N instead of the final model.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.ckpt/.bin) models.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the PNGs and grid.png.")
+def generate(**kw: Any) -> None:
+    """Paint images with a trained model; each PNG carries its parameters (A1111 style)."""
+    from .sampling.generate import GenerateRequest, generate as run_generate
+
+    paths = run_generate(GenerateRequest(**kw))
+    click.echo(f"wrote {len(paths)} images and grid.png to {kw['out']}")
+
+
+@app.command("random-model")
+@click.option("--shape", type=click.Choice(["tiny", "sd15"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+@click.argument("out", type=click.Path(path_type=Path))
+def random_model(shape: str, seed: int, prediction_type: str, overwrite: bool, out: Path) -> None:
+    """Build a random-weight SD 1.x pipeline (real CLIP tokenizer) for offline smoke tests."""
+    from .models.random_model import save_random_model
+
+    path = save_random_model(shape, out, seed=seed, prediction_type=prediction_type, overwrite=overwrite)
+    click.echo(f"wrote random {shape} model to {path}")
+
+
+@app.command()
+@click.argument("word")
+@click.option("--base-model", default=None, help="Use this model's tokenizer (default: the SD 1.x CLIP tokenizer).")
+def token(word: str, base_model: str | None) -> None:
+    """Show how WORD tokenizes and suggest single-token rare identifiers."""
+    from .models.tokenizer import analyze_identifier, build_clip_tokenizer, format_identifier_report
+
+    if base_model:
+        from .models.loading import load_pipeline
+
+        tokenizer = load_pipeline(base_model).tokenizer
+    else:
+        tokenizer = build_clip_tokenizer()
+    click.echo(format_identifier_report(analyze_identifier(tokenizer, word)))
+
+
+def dash_option_names(argv: list[str]) -> list[str]:
+    """Accept diffusers-style `--snake_case` flags by rewriting the flag name (never its value)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors with exit code 2 for user errors."""
+    argv = dash_option_names(sys.argv[1:] if argv is None else argv)
+    try:
+        app.main(args=argv, prog_name="style-dreambooth", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(UserError.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; completed checkpoints are kept (resume with --resume-from-checkpoint latest)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Typed training configuration: YAML file + command-line flags, validated once.
+
+Every field is a YAML key and a flag. Flags accept dashes or underscores, and the
+spellings of diffusers' `train_dreambooth.py` (`--pretrained_model_name_or_path`,
+`--instance_data_dir`, `--class_data_dir`) are aliases, so its reference command line
+works as written.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+
+
+def _alias(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class TrainConfig(BaseModel):
+    """Everything that shapes a training run. Defaults are the reference configuration."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    # Model
+    base_model: str = Field(
+        SD15_HUB_ID,
+        validation_alias=_alias("base_model", "pretrained_model_name_or_path"),
+        description="Hub id, local diffusers folder, or single .safetensors file.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    base_config: str | None = Field(
+        None, description="Diffusers folder or hub id whose config a single-file base model uses."
+    )
+    allow_pickle: bool = Field(False, description="Allow loading pickle (.ckpt/.bin) base models.")
+
+    # Data and prompts
+    instance_dir: Path = Field(
+        ..., validation_alias=_alias("instance_dir", "instance_data_dir"), description="Folder of style images."
+    )
+    instance_prompt: str = Field(..., description="Prompt with the rare identifier, e.g. 'yltcaxe artstyle'.")
+    class_prompt: str | None = Field(
+        None, description="Prompt for class images; default: the instance prompt without its identifier."
+    )
+    class_dir: Path | None = Field(
+        None,
+        validation_alias=_alias("class_dir", "class_data_dir"),
+        description="Real class images (used as given), or where generated class images are cached.",
+    )
+    with_prior_preservation: bool = Field(True, description="Add the prior-preservation loss on class images.")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="Weight of the prior-preservation loss.")
+    num_class_images: int = Field(50, ge=1, description="Number of class images.")
+    sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
+    class_inference_steps: int = Field(25, ge=1, description="Sampler steps per generated class image.")
+    class_guidance_scale: float = Field(7.5, ge=0.0, description="CFG scale for generated class images.")
+
+    # Training
+    train_text_encoder: bool = Field(True, description="Train the text encoder along with the UNet.")
+    use_8bit_adam: bool = Field(True, description="Use bitsandbytes' 8-bit AdamW.")
+    learning_rate: float = Field(1e-6, gt=0.0, description="Learning rate.")
+    lr_scheduler: LrScheduler = Field("constant", description="Learning-rate schedule.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    max_train_steps: int = Field(800, ge=1, description="Optimizer steps to train.")
+    train_batch_size: int = Field(1, ge=1, description="Instance images per step (as many class images are added).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None, description="no, fp16 or bf16; default fp16 on a CUDA GPU, no on CPU."
+    )
+    resolution: int = Field(512, ge=64, description="Training resolution in pixels (square).")
+    center_crop: bool = Field(False, description="Center-crop instead of random crop.")
+    seed: int = Field(1337, ge=0, description="One seed for data order, noise, timesteps and validation.")
+    output_dir: Path = Field(..., description="Run folder.")
+    overwrite: bool = Field(False, description="Replace a finished run in the output dir.")
+    snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR weighting gamma (5.0 is common).")
+    offset_noise: float = Field(0.0, ge=0.0, description="Offset-noise strength (0.05-0.1 is common).")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+
+    # Validation and checkpoints
+    validation_prompt: list[str] = Field(
+        default_factory=list, description="Validation prompt (repeatable); default: the instance prompt."
+    )
+    validation_steps: int = Field(100, ge=0, description="Sample a validation grid every N steps (0: never).")
+    num_validation_images: int = Field(2, ge=1, description="Images per validation prompt.")
+    validation_inference_steps: int = Field(25, ge=1, description="Sampler steps for validation images.")
+    checkpointing_steps: int = Field(500, ge=0, description="Save a checkpoint every N steps (0: never).")
+    checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints.")
+    resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint folder.")
+    logging_steps: int = Field(1, ge=1, description="Write metrics every N steps.")
+
+    @model_validator(mode="after")
+    def _check_prompts(self) -> "TrainConfig":
+        if not self.instance_prompt.strip():
+            raise ValueError("instance_prompt must not be empty")
+        return self
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-able data, re-runnable with `--config`."""
+        data = self.model_dump(mode="json")
+        data.pop("overwrite", None)
+        data.pop("resume_from_checkpoint", None)
+        return data
+
+
+def field_aliases(name: str) -> list[str]:
+    """All names a field answers to (its own first), in underscore spelling."""
+    alias = TrainConfig.model_fields[name].validation_alias
+    names = [name]
+    if isinstance(alias, AliasChoices):
+        names += [a for a in alias.choices if isinstance(a, str) and a != name]
+    return names
+
+
+def _canonical_keys() -> dict[str, str]:
+    table: dict[str, str] = {}
+    for name in TrainConfig.model_fields:
+        for alias in field_aliases(name):
+            table[alias] = name
+    return table
+
+
+def normalize_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Map dashed spellings and aliases to field names; reject unknown keys with a suggestion."""
+    table = _canonical_keys()
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise UserError(f"config key {key!r} in {source} is not a name; use keys like 'learning_rate'")
+        plain = key.strip().lstrip("-").replace("-", "_")
+        if plain not in table:
+            hint = difflib.get_close_matches(plain, list(table), n=1)
+            tip = f"; did you mean '{hint[0]}'?" if hint else "; see 'style-dreambooth train --help'"
+            raise UserError(f"unknown config key '{key}' in {source}{tip}")
+        out[table[plain]] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict of field names."""
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"config file '{path}' is not valid YAML ({first}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of keys to values")
+    return normalize_keys(data, f"'{path}'")
+
+
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
+    """Merge config-file values with flags (flags win) and validate once."""
+    merged = {**file_values, **flag_values}
+    try:
+        return TrainConfig(**merged)
+    except ValidationError as exc:
+        raise UserError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the first offending key and what is wrong with it."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "config"
+    if err.get("type") == "missing":
+        flag = "--" + loc.replace("_", "-")
+        return f"missing required option '{flag}' (config key '{loc}')"
+    if err.get("type") == "extra_forbidden":
+        return f"unknown config key '{loc}'"
+    value = err.get("input")
+    msg = err.get("msg", "invalid value").replace("\n", " ")
+    return f"invalid value {value!r} for '{loc}': {msg}"

@@ -1,0 +1,45 @@
+"""What differs between backbones, in one place: prompt encoding and pipeline assembly.
+
+Today this serves SD 1.x and SD 2.x (one CLIP text encoder, epsilon or v prediction); the
+training loop only calls these functions and never branches on the backbone.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's maximum length (77 for CLIP)."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """Per-token hidden states the UNet cross-attends to."""
+    ids = tokenize(tokenizer, prompts).to(device)
+    return text_encoder(ids)[0]
+
+
+def prediction_type(scheduler) -> str:
+    return scheduler.config.get("prediction_type", "epsilon")
+
+
+def assemble_pipeline(base: StableDiffusionPipeline, unet, text_encoder) -> StableDiffusionPipeline:
+    """The base pipeline with trained modules swapped in (no safety checker, as in training)."""
+    return StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet,
+        scheduler=base.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

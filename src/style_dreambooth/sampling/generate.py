@@ -1,0 +1,148 @@
+"""Generation with a trained model: resolve a run folder or model, sample, write PNGs and a grid."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+
+from ..errors import UserError
+from ..models.backbone import assemble_pipeline
+from ..models.loading import load_pipeline
+from ..progress import progress_bar
+from ..training.checkpoints import resolve_checkpoint
+from .images import SCHEDULERS, GenerationParams, make_grid, make_scheduler, save_png
+
+log = logging.getLogger(__name__)
+
+
+def _is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.yaml").is_file() and not (path / "model_index.json").exists()
+
+
+def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool = False, dtype=None):
+    """A run folder -> its final model (or `checkpoint`); anything else -> `load_pipeline`.
+
+    Returns (pipeline, label) where label names what was loaded.
+    """
+    path = Path(model).expanduser()
+    if not _is_run_folder(path):
+        if checkpoint is not None:
+            raise UserError(f"--checkpoint needs a run folder, but '{model}' is not one (no config.yaml)")
+        return load_pipeline(model, torch_dtype=dtype, allow_pickle=allow_pickle), path.name or model
+    if checkpoint is None:
+        final = path / "model"
+        if not (final / "model_index.json").is_file():
+            raise UserError(
+                f"run '{path}' has no final model yet (training unfinished?); pass --checkpoint latest or step-N"
+            )
+        return load_pipeline(str(final), torch_dtype=dtype), path.name
+    ckpt = resolve_checkpoint(path, checkpoint)
+    config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    base = load_pipeline(
+        config["base_model"],
+        revision=config.get("revision"),
+        torch_dtype=dtype,
+        allow_pickle=bool(config.get("allow_pickle")),
+        single_file_config=config.get("base_config"),
+    )
+    unet = type(base.unet).from_pretrained(ckpt / "unet", torch_dtype=dtype)
+    text_encoder = base.text_encoder
+    if (ckpt / "text_encoder").is_dir():
+        text_encoder = type(base.text_encoder).from_pretrained(ckpt / "text_encoder", torch_dtype=dtype)
+    return assemble_pipeline(base, unet, text_encoder), f"{path.name}/{ckpt.name}"
+
+
+def sample(
+    pipe,
+    prompt: str,
+    seeds: list[int],
+    *,
+    negative_prompt: str = "",
+    steps: int = 25,
+    guidance: float = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    batch_size: int = 4,
+) -> list[Image.Image]:
+    """One image per seed; each image depends only on its own seed, not on batching."""
+    device = pipe.device
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images: list[Image.Image] = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start : start + batch_size]
+        gens = [torch.Generator(device=device).manual_seed(s) for s in chunk]
+        out = pipe(
+            prompt=[prompt] * len(chunk),
+            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            generator=gens,
+        )
+        images.extend(out.images)
+    return images
+
+
+@dataclass
+class GenerateRequest:
+    model: str
+    prompt: str
+    out: Path
+    negative_prompt: str = ""
+    n: int = 4
+    steps: int = 25
+    guidance: float = 7.5
+    scheduler: str = "dpm++"
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    checkpoint: str | None = None
+    allow_pickle: bool = False
+
+
+def generate(req: GenerateRequest) -> list[Path]:
+    """Write `req.n` PNGs (each with its parameters) and a grid into `req.out`."""
+    if req.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler '{req.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
+    for name, value in (("--width", req.width), ("--height", req.height)):
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"{name} {value} must be a positive multiple of 8")
+    try:
+        req.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"output dir '{req.out}' is not writable ({exc.strerror}); choose another --out") from None
+    cuda = torch.cuda.is_available()
+    pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, torch.float16 if cuda else None)
+    pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+    pipe = pipe.to("cuda" if cuda else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    seeds = [req.seed + i for i in range(req.n)]
+    images: list[Image.Image] = []
+    with progress_bar("generating", req.n) as bar:
+        for start in range(0, req.n, 4):
+            chunk = seeds[start : start + 4]
+            images += sample(
+                pipe, req.prompt, chunk, negative_prompt=req.negative_prompt, steps=req.steps,
+                guidance=req.guidance, width=req.width, height=req.height,
+            )
+            if bar:
+                bar.advance(0, len(chunk))
+    paths = []
+    for s, image in zip(seeds, images):
+        params = GenerationParams(
+            req.prompt, req.negative_prompt, req.steps, req.scheduler, req.guidance, s,
+            image.width, image.height, label,
+        )
+        path = req.out / f"{s:06d}.png"
+        save_png(image, path, params)
+        paths.append(path)
+    save_png(make_grid(images), req.out / "grid.png")
+    log.info("wrote %d images and grid.png to %s", len(paths), req.out)
+    return paths

@@ -1,0 +1,96 @@
+"""Atomic checkpoints: ``checkpoints/step-000400/`` holding trained weights and training state.
+
+A checkpoint is written under a hidden temporary name and renamed when complete, so a folder
+named ``step-N`` is always whole. The trained modules are saved in diffusers format
+(``unet/``, ``text_encoder/``); the optimizer and LR-schedule state sit in ``training_state.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def resolve_checkpoint(run_dir: Path, spec: str) -> Path:
+    """'latest', 'step-N', 'N' or a path -> a checkpoint folder; UserError if there is none."""
+    if spec == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise UserError(
+                f"--resume-from-checkpoint latest: no checkpoint in '{run_dir / 'checkpoints'}'; "
+                "drop the flag to start fresh"
+            )
+        return found[-1][1]
+    candidates = [Path(spec)]
+    if spec.isdigit():
+        candidates.append(run_dir / "checkpoints" / checkpoint_name(int(spec)))
+    m = _STEP_DIR.match(spec)
+    if m:
+        candidates.append(run_dir / "checkpoints" / checkpoint_name(int(m.group(1))))
+    for path in candidates:
+        if path.is_dir() and (path / STATE_FILE).is_file():
+            return path
+    raise UserError(f"checkpoint '{spec}' not found (looked in '{run_dir / 'checkpoints'}'); use 'latest' or a step-N folder")
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    modules: dict[str, torch.nn.Module],
+    state: dict[str, Any],
+    total_limit: int | None,
+) -> Path:
+    """Write checkpoint `step` atomically, then prune the oldest beyond `total_limit`."""
+    final = run_dir / "checkpoints" / checkpoint_name(step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, module in modules.items():
+        module.save_pretrained(tmp / name, safe_serialization=True)
+    torch.save({"step": step, **state}, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    log.info("saved checkpoint %s", final)
+    if total_limit is not None:
+        existing = list_checkpoints(run_dir)
+        for _, old in existing[: max(0, len(existing) - total_limit)]:
+            shutil.rmtree(old)
+            log.info("removed old checkpoint %s (checkpoints_total_limit=%d)", old, total_limit)
+    return final
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    """The optimizer/scheduler state written by `save_checkpoint` (our own file)."""
+    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)

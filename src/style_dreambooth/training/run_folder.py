@@ -1,0 +1,96 @@
+"""The run folder: checks before a run starts, and where each artefact lives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from .checkpoints import list_checkpoints
+
+# Artefacts a run writes; --overwrite removes exactly these and nothing else.
+_RUN_ARTEFACTS = ("model", "checkpoints", "samples", "logs", "metrics.jsonl", "config.yaml")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def is_finished(self) -> bool:
+        return (self.model / "model_index.json").is_file()
+
+    def prepare(self, overwrite: bool, resuming: bool) -> None:
+        """Refuse to clobber a run, check the folder is writable, and clear it on --overwrite."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise UserError(f"output dir '{root}' is a file; pass a folder path to --output-dir")
+        if not resuming and not overwrite:
+            if self.is_finished():
+                raise UserError(
+                    f"output dir '{root}' already holds a finished run; pass --overwrite to replace it "
+                    "or choose another --output-dir"
+                )
+            if list_checkpoints(root):
+                raise UserError(
+                    f"output dir '{root}' holds an unfinished run with checkpoints; pass "
+                    "--resume-from-checkpoint latest to continue it or --overwrite to start over"
+                )
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"output dir '{root}' is not writable ({exc.strerror}); choose another --output-dir") from None
+        if overwrite and not resuming:
+            for name in _RUN_ARTEFACTS:
+                path = root / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        tmp = self.config.with_name(".config.yaml.tmp")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        tmp.replace(self.config)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric lines past `after_step` (a resumed run rewrites them)."""
+        if not self.metrics.exists():
+            return
+        kept = [
+            line
+            for line in self.metrics.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= after_step
+        ]
+        self.metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
