@@ -20,12 +20,21 @@ def _setup_logging(verbose: bool) -> None:
 
     level = logging.DEBUG if verbose else logging.INFO
     handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
     logging.getLogger("style_dreambooth").setLevel(level)
-    for noisy in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
+    for noisy in ("diffusers", "transformers", "accelerate", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _quiet_libraries() -> None:
+    """Our own rich bars report progress; silence the libraries' tqdm bars."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 def _is_bool(annotation: Any) -> bool:
@@ -76,6 +85,7 @@ def train(config_file: Path | None, **flags: Any) -> None:
     """Fine-tune a Stable Diffusion 1.x model on a folder of style images (DreamBooth)."""
     from .training.loop import train as run_training
 
+    _quiet_libraries()
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items() if v not in (None, ())}
     file_values = read_yaml(config_file) if config_file else {}
     cfg = build_config(file_values, given)
@@ -103,6 +113,7 @@ def generate(**kw: Any) -> None:
     """Paint images with a trained model; each PNG carries its parameters (A1111 style)."""
     from .sampling.generate import GenerateRequest, generate as run_generate
 
+    _quiet_libraries()
     paths = run_generate(GenerateRequest(**kw))
     click.echo(f"wrote {len(paths)} images and grid.png to {kw['out']}")
 
@@ -117,6 +128,7 @@ def random_model(shape: str, seed: int, prediction_type: str, overwrite: bool, o
     """Build a random-weight SD 1.x pipeline (real CLIP tokenizer) for offline smoke tests."""
     from .models.random_model import save_random_model
 
+    _quiet_libraries()
     path = save_random_model(shape, out, seed=seed, prediction_type=prediction_type, overwrite=overwrite)
     click.echo(f"wrote random {shape} model to {path}")
 
@@ -156,13 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(UserError.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("interrupted; completed checkpoints are kept (resume with --resume-from-checkpoint latest)", err=True)
         sys.exit(130)
 

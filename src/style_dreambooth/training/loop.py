@@ -115,7 +115,21 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, accelerator: Accelera
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run DreamBooth training as configured; return the final model folder."""
+    """Run DreamBooth training as configured; return the final model folder.
+
+    If a user error stops the run before training starts, an output dir this call created
+    is removed again, so nothing half-written is left behind.
+    """
+    created = not cfg.output_dir.exists()
+    try:
+        return _train(cfg)
+    except UserError:
+        if created and cfg.output_dir.is_dir() and not any(cfg.output_dir.iterdir()):
+            cfg.output_dir.rmdir()
+        raise
+
+
+def _train(cfg: TrainConfig) -> Path:
     run = RunFolder(cfg.output_dir)
     resuming = cfg.resume_from_checkpoint is not None
     cuda = torch.cuda.is_available()
@@ -135,7 +149,6 @@ def train(cfg: TrainConfig) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
     resolved = cfg.model_copy(update={"mixed_precision": mixed_precision, "class_prompt": class_prompt})
     if main:
-        run.write_config(resolved.to_yaml_dict())
         log.info(
             "training %s on %d instance images -> %s (%s, %d process(es))",
             cfg.base_model, len(instance_paths), run.root, mixed_precision, accelerator.num_processes,
@@ -202,6 +215,7 @@ def train(cfg: TrainConfig) -> Path:
         if main:
             run.truncate_metrics(start_step)
     if main:
+        run.write_config(resolved.to_yaml_dict())
         accelerator.init_trackers("style-dreambooth")
 
     instance_order = SampleOrder(len(instances), cfg.seed, stream=0)

@@ -1,0 +1,184 @@
+"""Every user mistake: a one-line error naming the culprit, exit code 2, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from clihelp import run_cli, train_args
+from conftest import write_style_images
+
+
+def _assert_user_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def run_train(tmp_path, tiny_model, cache_env, capsys):
+    def run(instance_dir, *extra, out=None):
+        out = out or tmp_path / "out"
+        return run_cli(capsys, *train_args(tiny_model, instance_dir, out, "--max-train-steps", "1", *extra))
+    return run
+
+
+def test_missing_instance_dir(tmp_path, run_train):
+    code, _, err = run_train(tmp_path / "nope")
+    _assert_user_error(code, err, str(tmp_path / "nope"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_instance_dir(tmp_path, run_train):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_train(tmp_path / "empty")
+    _assert_user_error(code, err, "empty", "no usable images")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_corrupt_image(tmp_path, run_train, kind):
+    folder = write_style_images(tmp_path / "inst")
+    bad = folder / "bad.png"
+    if kind == "truncated":
+        data = (folder / "img0.png").read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        bad.write_bytes(np.random.default_rng(0).bytes(500))
+    code, _, err = run_train(folder)
+    _assert_user_error(code, err, "bad.png")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_image_files_are_ignored_unless_nothing_is_left(tmp_path, run_train, caplog):
+    folder = write_style_images(tmp_path / "inst", n=2)
+    (folder / "notes.md").write_text("hello")
+    code, _, err = run_train(folder)
+    assert code == 0, err
+    assert "notes.md" in caplog.text
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "notes.md").write_text("hello")
+    code, _, err = run_train(only, out=tmp_path / "out2")
+    _assert_user_error(code, err, str(only))
+
+
+def test_small_image(tmp_path, run_train):
+    folder = write_style_images(tmp_path / "inst", n=2)
+    Image.new("RGB", (48, 200), "red").save(folder / "small.png")
+    code, _, err = run_train(folder)
+    _assert_user_error(code, err, "small.png", "48x200")
+
+
+def test_unknown_config_key_and_bad_values(tmp_path, instance_dir, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"instance_dir": str(instance_dir), "instance_prompt": "x y",
+                                   "output_dir": str(tmp_path / "o"), "learning_rat": 1e-6}))
+    code, _, err = run_cli(capsys, "train", "--config", cfg)
+    _assert_user_error(code, err, "learning_rat", "learning_rate")
+    cfg.write_text("instance_dir: [unclosed\n")
+    code, _, err = run_cli(capsys, "train", "--config", cfg)
+    _assert_user_error(code, err, str(cfg), "YAML")
+    base = ["train", "--instance-dir", instance_dir, "--instance-prompt", "x y", "--output-dir", tmp_path / "o"]
+    code, _, err = run_cli(capsys, *base, "--learning-rate", "fast")
+    _assert_user_error(code, err, "learning_rate", "fast")
+    code, _, err = run_cli(capsys, *base, "--learning-rate", "-1")
+    _assert_user_error(code, err, "learning_rate")
+    code, _, err = run_cli(capsys, *base, "--mixed-precision", "fp8")
+    _assert_user_error(code, err, "mixed_precision", "fp8")
+    code, _, err = run_cli(capsys, *base, "--no-such-flag", "1")
+    _assert_user_error(code, err, "--no-such-flag")
+    code, _, err = run_cli(capsys, "train", "--instance-dir", instance_dir, "--output-dir", tmp_path / "o")
+    _assert_user_error(code, err, "--instance-prompt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_dir(tmp_path, run_train, instance_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_train(instance_dir, out=blocker / "run")
+    _assert_user_error(code, err, str(blocker / "run"))
+    code, _, err = run_train(instance_dir, out=blocker)
+    _assert_user_error(code, err, str(blocker))
+    assert blocker.read_text() == "x"
+
+
+def test_finished_run_is_protected(tmp_path, run_train, instance_dir):
+    out = tmp_path / "out"
+    assert run_train(instance_dir, out=out)[0] == 0
+    before = (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    code, _, err = run_train(instance_dir, out=out)
+    _assert_user_error(code, err, str(out), "--overwrite")
+    assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    (out / "my-notes.txt").write_text("keep me")
+    code, _, err = run_train(instance_dir, "--overwrite", "--seed", "5", out=out)
+    assert code == 0, err
+    assert (out / "my-notes.txt").read_text() == "keep me", "--overwrite removes only run artefacts"
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 5
+
+
+def test_base_model_not_found_offline(tmp_path, instance_dir, cache_env, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for missing in ("nobody-here/no-such-model", str(tmp_path / "no_model_dir")):
+        code, _, err = run_cli(capsys, *train_args(missing, instance_dir, tmp_path / "out"))
+        _assert_user_error(code, err, missing)
+        assert not (tmp_path / "out").exists()
+
+
+def test_resume_latest_without_checkpoint(tmp_path, run_train, instance_dir):
+    code, _, err = run_train(instance_dir, "--resume-from-checkpoint", "latest")
+    _assert_user_error(code, err, "latest", "checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, run_train, instance_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, _, err = run_train(instance_dir, "--mixed-precision", "fp16")
+    _assert_user_error(code, err, "fp16")
+
+
+def test_generate_bad_inputs(tmp_path, tiny_model, capsys):
+    code, _, err = run_cli(capsys, "generate", "--model", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "g")
+    _assert_user_error(code, err, str(tmp_path / "none"))
+    code, _, err = run_cli(capsys, "generate", "--model", tiny_model, "--prompt", "x", "--checkpoint", "latest",
+                           "--out", tmp_path / "g")
+    _assert_user_error(code, err, "--checkpoint")
+    code, _, err = run_cli(capsys, "generate", "--model", tiny_model, "--prompt", "x", "--width", "70",
+                           "--out", tmp_path / "g")
+    _assert_user_error(code, err, "--width", "70")
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "I;16", "RGBA", "EXIF"])
+def test_unusual_image_modes_train(tmp_path, run_train, mode):
+    from PIL import Image as PILImage
+
+    folder = write_style_images(tmp_path / "inst", n=1)
+    rgb = PILImage.open(folder / "img0.png").convert("RGB")
+    if mode == "CMYK":
+        rgb.convert("CMYK").save(folder / "x.jpg")
+    elif mode == "P":
+        rgb.convert("P").save(folder / "x.png")
+    elif mode == "I;16":
+        arr = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+        PILImage.fromarray(arr).save(folder / "x.png")
+    elif mode == "RGBA":
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(0)
+        rgba.save(folder / "x.png")
+    else:
+        exif = PILImage.Exif()
+        exif[0x0112] = 6
+        rgb.save(folder / "x.jpg", exif=exif)
+    code, _, err = run_train(folder, "--no-prior-preservation")
+    assert code == 0, err

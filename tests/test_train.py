@@ -1,0 +1,189 @@
+"""End to end on a tiny random model: train, checkpoints, resume, generate, plain-diffusers reload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from clihelp import run_cli, train_args
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_train_then_generate_end_to_end(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    (instance_dir / "img0.txt").write_text("a red circle")
+    code, out, err = run_cli(
+        capsys, *train_args(tiny_model, instance_dir, run, "--checkpointing-steps", "2", "--validation-steps", "2",
+                            "--validation-prompt", "a boy in yltcaxe artstyle", "--validation-prompt", "a tree"),
+    )
+    assert code == 0, err
+    # Run folder layout.
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["max_train_steps"] == 4 and config["train_text_encoder"] is True
+    assert config["with_prior_preservation"] is True and config["mixed_precision"] == "no"
+    assert (run / "model" / "model_index.json").is_file()
+    assert (run / "checkpoints" / "step-000002" / "unet").is_dir()
+    assert (run / "checkpoints" / "step-000002" / "text_encoder").is_dir()
+    assert not list((run / "checkpoints").glob(".*")), "no temporary checkpoint left behind"
+    for step in (2, 4):
+        grid = Image.open(run / "samples" / f"step-{step:06d}.png")
+        assert grid.size == (2 * 64, 2 * 64)  # 2 prompts x 2 images
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert m["loss"] == pytest.approx(m["instance_loss"] + m["prior_loss"], rel=1e-5)
+        assert m["lr"] == pytest.approx(1e-3) and m["it_per_s"] > 0
+    assert list((run / "logs").rglob("events.out.tfevents*")), "TensorBoard events written"
+    # Class images were generated into the cache, with a manifest of seeds.
+    manifests = list(cache_env.rglob("manifest.json"))
+    assert len(manifests) == 1
+    assert [e["seed"] for e in json.loads(manifests[0].read_text())["images"]] == [1337, 1338, 1339, 1340]
+
+    # The saved model reloads with plain diffusers, and training changed UNet and text encoder.
+    trained = StableDiffusionPipeline.from_pretrained(run / "model")
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(trained, name).state_dict(), getattr(base, name).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a), f"{name} unchanged by training"
+    image = trained("yltcaxe artstyle", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+
+    # generate: from the run folder (final model) and from a checkpoint.
+    gen = tmp_path / "gen"
+    code, out, err = run_cli(capsys, "generate", "--model", run, "--prompt", "a boy in yltcaxe artstyle",
+                             "-n", "3", "--steps", "2", "--seed", "7", "--scheduler", "euler-a", "--out", gen)
+    assert code == 0, err
+    pngs = sorted(gen.glob("0*.png"))
+    assert [p.name for p in pngs] == ["000007.png", "000008.png", "000009.png"]
+    params = Image.open(pngs[0]).text["parameters"]
+    assert params.splitlines()[0] == "a boy in yltcaxe artstyle"
+    assert "Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: run" in params
+    assert Image.open(gen / "grid.png").size == (2 * 64, 2 * 64)
+    code, out, err = run_cli(capsys, "generate", "--model", run, "--checkpoint", "step-2", "--prompt", "x",
+                             "-n", "1", "--steps", "2", "--out", tmp_path / "gen2")
+    assert code == 0, err
+    assert "Model: run/step-000002" in Image.open(tmp_path / "gen2" / "000000.png").text["parameters"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, instance_dir, cache_env, capsys, monkeypatch):
+    import style_dreambooth.training.loop as loop
+
+    common = ["--max-train-steps", "5", "--checkpointing-steps", "2", "--lr-scheduler", "linear",
+              "--lr-warmup-steps", "1", "--train-batch-size", "2", "--gradient-accumulation-steps", "2"]
+    full = tmp_path / "full"
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, full, *common))[0] == 0
+
+    real_save = loop.save_checkpoint
+    def crash_after_second(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if args[1] == 4:
+            raise KeyboardInterrupt  # the process dies right after step 4's checkpoint
+        return path
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second)
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, part, *common))
+    assert code == 130 and "resume" in err
+    assert not (part / "model").exists()
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+
+    # Without --resume the unfinished run is protected.
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, part, *common))
+    assert code == 2 and "--resume-from-checkpoint" in err
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, part, *common,
+                                                 "--resume-from-checkpoint", "latest"))
+    assert code == 0, err
+    a, b = _metrics(full), _metrics(part)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    for x, y in zip(a, b):
+        for key in ("loss", "instance_loss", "prior_loss", "lr"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    wa = StableDiffusionPipeline_unet(full)
+    wb = StableDiffusionPipeline_unet(part)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def StableDiffusionPipeline_unet(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_reference_command_line_is_accepted(tmp_path, tiny_model, instance_dir, capsys):
+    class_dir, out = tmp_path / "class", tmp_path / "out"
+    args = [
+        "train",
+        f"--pretrained_model_name_or_path={tiny_model}", "--instance_prompt=yltcaxe artstyle",
+        "--class_prompt=artstyle", f"--class_data_dir={class_dir}", f"--instance_data_dir={instance_dir}",
+        f"--output_dir={out}", "--with_prior_preservation", "--prior_loss_weight=1.0", "--seed=1337",
+        "--resolution=512", "--train_batch_size=1", "--train_text_encoder", "--use_8bit_adam",
+        "--gradient_accumulation_steps=1", "--learning_rate=1e-6", "--lr_scheduler=constant",
+        "--lr_warmup_steps=0", "--num_class_images=50", "--sample_batch_size=4", "--max_train_steps=800",
+        # shortened for CPU: tiny model, 64 px, a few steps and class images
+        "--resolution=64", "--max_train_steps=2", "--num_class_images=3", "--class_inference_steps=2",
+        "--validation_steps=0",
+    ]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["learning_rate"] == 1e-6 and config["lr_scheduler"] == "constant"
+    assert config["use_8bit_adam"] and config["train_text_encoder"] and config["prior_loss_weight"] == 1.0
+    assert config["instance_dir"] == str(instance_dir) and config["class_dir"] == str(class_dir)
+    # Generated class images are cached in a keyed subfolder of the class dir.
+    (key_dir,) = [p for p in class_dir.iterdir() if p.is_dir()]
+    assert len(list(key_dir.glob("*.png"))) == 3 and (key_dir / "manifest.json").is_file()
+
+
+def test_defaults_are_the_reference_configuration():
+    from style_dreambooth.config import TrainConfig
+
+    cfg = TrainConfig(instance_dir="x", instance_prompt="yltcaxe artstyle", output_dir="o")
+    assert cfg.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (cfg.learning_rate, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps) == (1e-6, "constant", 0, 800)
+    assert (cfg.train_batch_size, cfg.resolution, cfg.num_class_images, cfg.sample_batch_size) == (1, 512, 50, 4)
+    assert cfg.with_prior_preservation and cfg.prior_loss_weight == 1.0
+    assert cfg.train_text_encoder and cfg.use_8bit_adam and cfg.seed == 1337
+
+
+def test_config_file_with_flag_override(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+    cfg_file = tmp_path / "base.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "base-model": str(tiny_model), "instance_data_dir": str(instance_dir), "instance_prompt": "yltcaxe artstyle",
+        "output_dir": str(tmp_path / "r"), "resolution": 64, "num_class_images": 2, "class_inference_steps": 1,
+        "max_train_steps": 5, "validation_steps": 0, "use_8bit_adam": False, "with_prior_preservation": True,
+    }))
+    code, _, err = run_cli(capsys, "train", "--config", cfg_file, "--max-train-steps", "1", "--no-8bit-adam")
+    assert code == 0, err
+    resolved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert resolved["max_train_steps"] == 1 and resolved["class_prompt"] == "artstyle"
+    # The resolved config.yaml re-runs as is.
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path / "r" / "config.yaml", "--overwrite")
+    assert code == 0, err
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes_saves_once(tmp_path, tiny_model, instance_dir, cache_env):
+    out = tmp_path / "ddp"
+    args = ["-v", *train_args(tiny_model, instance_dir, out, "--checkpointing-steps", "2", "--max-train-steps", "3")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "style_dreambooth", *map(str, args)]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert log.count("saved final model") == 1
+    assert log.count("saved checkpoint") == 1
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    assert (out / "model" / "model_index.json").is_file()
