@@ -168,7 +168,9 @@ def load_pipeline(
     if path.is_file():
         return _load_single_file(path, torch_dtype, allow_pickle, single_file_config, revision, offline)
     if path.exists():
-        raise UserError(f"base model '{base_model}' is neither a folder nor a file; pass a diffusers folder or a .safetensors file")
+        raise UserError(
+            f"base model '{base_model}' is neither a folder nor a file; pass a diffusers folder or a .safetensors file"
+        )
     if _looks_like_path(base_model):
         raise UserError(f"base model '{base_model}' not found; check the path or pass a Hub id")
     if not _HUB_ID.fullmatch(base_model):
@@ -213,7 +215,8 @@ def _load_single_file(
         logger.warning("loading pickle checkpoint %s because pickles were explicitly allowed", path)
     elif suffix not in SAFETENSORS_EXTENSIONS:
         raise UserError(
-            f"base model file '{path}' is not a .safetensors checkpoint; pass a .safetensors file, a diffusers folder or a Hub id"
+            f"base model file '{path}' is not a .safetensors checkpoint; "
+            "pass a .safetensors file, a diffusers folder or a Hub id"
         )
 
     kwargs = _common_kwargs(torch_dtype)
@@ -274,8 +277,9 @@ def _load_hub(
             raise
         at = f" at revision '{revision}'" if revision else ""
         raise UserError(
-            f"base model '{hub_id}'{at} could not be loaded: it is not in the local Hugging Face cache and the Hub "
-            "is unreachable or has no such repo; download it first or pass a local diffusers folder or .safetensors file"
+            f"base model '{hub_id}'{at} could not be loaded: it is not in the local Hugging Face cache and the "
+            "Hub is unreachable or has no such repo; download it first or pass a local diffusers folder or "
+            ".safetensors file"
         ) from exc
 
 

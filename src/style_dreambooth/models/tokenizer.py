@@ -43,8 +43,8 @@ _COMMON_WORDS = frozenset(
     old see two way who boy did its let put say she too use art cat dog sun sky red big top end run set
     that with have this will your from they know want been good much some time very when come here just
     like long make many more only over such take than them well were what each most also back call came
-    give made find work year look into high part play word good best love life home food blue green
-    photo style paint image draw color light dark small large great world water house style about
+    give made find work year look into high part play word best love life home food blue green
+    photo style paint image draw color light dark small large great world water house about
     there their which would other these could first after think where right those
     """.split()
 )

@@ -50,10 +50,10 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
         allow_pickle=bool(config.get("allow_pickle")),
         single_file_config=config.get("base_config"),
     )
-    unet = type(base.unet).from_pretrained(ckpt / "unet", torch_dtype=dtype)
+    unet = type(base.unet).from_pretrained(ckpt / "unet", dtype=dtype)
     text_encoder = base.text_encoder
     if (ckpt / "text_encoder").is_dir():
-        text_encoder = type(base.text_encoder).from_pretrained(ckpt / "text_encoder", torch_dtype=dtype)
+        text_encoder = type(base.text_encoder).from_pretrained(ckpt / "text_encoder", dtype=dtype)
     return assemble_pipeline(base, unet, text_encoder), f"{path.name}/{ckpt.name}"
 
 
