@@ -108,6 +108,7 @@ def train(config_file: Path | None, **flags: Any) -> None:
 @click.option("--height", type=int, default=None, help="Default: the model's native size.")
 @click.option("--checkpoint", default=None, help="With a run folder: 'latest' or step-N instead of the final model.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.ckpt/.bin) models.")
+@click.option("--lora", multiple=True, help="LoRA file to apply, FILE[:SCALE]; repeat to stack several.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the PNGs and grid.png.")
 def generate(**kw: Any) -> None:
     """Paint images with a trained model; each PNG carries its parameters (A1111 style)."""

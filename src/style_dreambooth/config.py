@@ -19,6 +19,9 @@ from .errors import UserError
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
+# LoRA on the attention projections of the UNet (to_*) and the CLIP text encoder (*_proj).
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
@@ -66,9 +69,22 @@ class TrainConfig(BaseModel):
     class_guidance_scale: float = Field(7.5, ge=0.0, description="CFG scale for generated class images.")
 
     # Training
+    method: Literal["full", "lora"] = Field("full", description="Fine-tune all weights (full) or train a LoRA.")
+    rank: int = Field(4, ge=1, description="LoRA rank.")
+    lora_alpha: float | None = Field(None, gt=0.0, description="LoRA alpha (scale = alpha / rank); default: the rank.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        description="Module names that get LoRA layers (comma-separated or repeated).",
+    )
     train_text_encoder: bool = Field(True, description="Train the text encoder along with the UNet.")
     use_8bit_adam: bool = Field(True, description="Use bitsandbytes' 8-bit AdamW.")
-    learning_rate: float = Field(1e-6, gt=0.0, description="Learning rate.")
+    learning_rate: float = Field(
+        1e-6, gt=0.0, description="Learning rate; default 1e-6 for full fine-tuning, 1e-4 for LoRA."
+    )
+    text_encoder_lr: float | None = Field(
+        None, gt=0.0, description="Text-encoder learning rate; default: --learning-rate."
+    )
     lr_scheduler: LrScheduler = Field("constant", description="Learning-rate schedule.")
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
     max_train_steps: int = Field(800, ge=1, description="Optimizer steps to train.")
@@ -102,6 +118,19 @@ class TrainConfig(BaseModel):
     checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints.")
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint folder.")
     logging_steps: int = Field(1, ge=1, description="Write metrics every N steps.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("learning_rate") is None:
+                data = {**data, "learning_rate": 1e-4 if data.get("method") == "lora" else 1e-6}
+            targets = data.get("lora_targets")
+            if isinstance(targets, str):
+                targets = [targets]
+            if isinstance(targets, (list, tuple)):
+                data = {**data, "lora_targets": [t.strip() for item in targets for t in str(item).split(",") if t.strip()]}
+        return data
 
     @model_validator(mode="after")
     def _check_prompts(self) -> "TrainConfig":

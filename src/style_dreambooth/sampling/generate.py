@@ -15,6 +15,7 @@ from ..models.backbone import assemble_pipeline
 from ..models.loading import load_pipeline
 from ..progress import progress_bar
 from ..training.checkpoints import resolve_checkpoint
+from ..training.trainables import LORA_FILE
 from .images import SCHEDULERS, GenerationParams, make_grid, make_scheduler, save_png
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,16 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
         return load_pipeline(model, torch_dtype=dtype, allow_pickle=allow_pickle), path.name or model
     if checkpoint is None:
         final = path / "model"
-        if not (final / "model_index.json").is_file():
+        if (final / "model_index.json").is_file():
+            return load_pipeline(str(final), torch_dtype=dtype), path.name
+        if not (final / LORA_FILE).is_file():
             raise UserError(
                 f"run '{path}' has no final model yet (training unfinished?); pass --checkpoint latest or step-N"
             )
-        return load_pipeline(str(final), torch_dtype=dtype), path.name
-    ckpt = resolve_checkpoint(path, checkpoint)
+        folder, label = final, path.name
+    else:
+        folder = resolve_checkpoint(path, checkpoint)
+        label = f"{path.name}/{folder.name}"
     config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
     base = load_pipeline(
         config["base_model"],
@@ -50,11 +55,54 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
         allow_pickle=bool(config.get("allow_pickle")),
         single_file_config=config.get("base_config"),
     )
+    if (folder / LORA_FILE).is_file():
+        base.load_lora_weights(str(folder / LORA_FILE), adapter_name="run")
+        return base, label
+    ckpt = folder
     unet = type(base.unet).from_pretrained(ckpt / "unet", dtype=dtype)
     text_encoder = base.text_encoder
     if (ckpt / "text_encoder").is_dir():
         text_encoder = type(base.text_encoder).from_pretrained(ckpt / "text_encoder", dtype=dtype)
-    return assemble_pipeline(base, unet, text_encoder), f"{path.name}/{ckpt.name}"
+    return assemble_pipeline(base, unet, text_encoder), label
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """'FILE' or 'FILE:SCALE' -> (path, scale); the scale defaults to 1.0."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"LoRA file '{file}' not found; pass --lora FILE.safetensors[:SCALE]")
+    if file.suffix != ".safetensors":
+        raise UserError(f"LoRA file '{file}' is not a .safetensors file; convert it first")
+    return file, scale
+
+
+def apply_loras(pipe, specs: list[str]) -> list[str]:
+    """Load each LoRA as its own adapter and activate them all with their scales (stacked)."""
+    if not specs:
+        return []
+    names = [n for n in (pipe.get_active_adapters() if hasattr(pipe, "get_active_adapters") else [])]
+    weights = [1.0] * len(names)
+    labels = []
+    for i, spec in enumerate(specs):
+        file, scale = parse_lora_spec(spec)
+        name = f"lora{i}"
+        try:
+            pipe.load_lora_weights(str(file), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise UserError(f"LoRA file '{file}' does not fit this model ({first})") from None
+        names.append(name)
+        weights.append(scale)
+        labels.append(f"{file.stem}:{scale:g}")
+    pipe.set_adapters(names, adapter_weights=weights)
+    return labels
 
 
 def sample(
@@ -105,6 +153,7 @@ class GenerateRequest:
     height: int | None = None
     checkpoint: str | None = None
     allow_pickle: bool = False
+    lora: tuple[str, ...] = ()
 
 
 def generate(req: GenerateRequest) -> list[Path]:
@@ -120,6 +169,9 @@ def generate(req: GenerateRequest) -> list[Path]:
         raise UserError(f"output dir '{req.out}' is not writable ({exc.strerror}); choose another --out") from None
     cuda = torch.cuda.is_available()
     pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, torch.float16 if cuda else None)
+    lora_labels = apply_loras(pipe, list(req.lora))
+    if lora_labels:
+        label += " + " + " + ".join(lora_labels)
     pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
     pipe = pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)

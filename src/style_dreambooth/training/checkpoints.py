@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,18 +66,18 @@ def resolve_checkpoint(run_dir: Path, spec: str) -> Path:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    modules: dict[str, torch.nn.Module],
+    write_weights: Callable[[Path], None],
     state: dict[str, Any],
     total_limit: int | None,
 ) -> Path:
-    """Write checkpoint `step` atomically, then prune the oldest beyond `total_limit`."""
+    """Write checkpoint `step` atomically (weights via `write_weights(folder)`), then prune the
+    oldest beyond `total_limit`."""
     final = run_dir / "checkpoints" / checkpoint_name(step)
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for name, module in modules.items():
-        module.save_pretrained(tmp / name, safe_serialization=True)
+    write_weights(tmp)
     torch.save({"step": step, **state}, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)

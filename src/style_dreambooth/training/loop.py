@@ -29,6 +29,7 @@ from ..sampling.images import make_grid, make_scheduler, save_png
 from .checkpoints import load_training_state, resolve_checkpoint, save_checkpoint
 from .loss import diffusion_target, dreambooth_loss
 from .optim import make_lr_scheduler, make_optimizer
+from .trainables import make_trainables
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -170,21 +171,18 @@ def _train(cfg: TrainConfig) -> Path:
         classes = ImageBank(class_examples(class_paths, class_prompt), cfg.resolution)
     instances = ImageBank(instance_examples(instance_paths, cfg.instance_prompt), cfg.resolution)
 
-    unet, text_encoder = base.unet, base.text_encoder
-    if checkpoint is not None:
-        unet = type(unet).from_pretrained(checkpoint / "unet")
-        if cfg.train_text_encoder:
-            text_encoder = type(text_encoder).from_pretrained(checkpoint / "text_encoder")
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(noise_config)
     pred_type = prediction_type(noise_scheduler)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
 
+    unet, text_encoder = base.unet, base.text_encoder
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtype=weight_dtype)
-    unet.requires_grad_(True)
-    text_encoder.requires_grad_(cfg.train_text_encoder)
+    trainables = make_trainables(cfg, unet, text_encoder, model_identity(cfg.base_model, cfg.revision))
+    if checkpoint is not None:
+        trainables.load_weights(checkpoint)
     if not cfg.train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     if cfg.gradient_checkpointing:
@@ -192,10 +190,11 @@ def _train(cfg: TrainConfig) -> Path:
         if cfg.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
 
-    trained = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
-    params = [p for m in trained.values() for p in m.parameters()]
+    trained = dict(trainables.modules)
+    groups = trainables.param_groups()
+    params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(
-        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam,
     )
     lr_scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_train_steps)
@@ -313,9 +312,10 @@ def _train(cfg: TrainConfig) -> Path:
                 validate(global_step)
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0 and not last:
                 if main:
+                    unwrapped = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
                     save_checkpoint(
                         run.root, global_step,
-                        {k: accelerator.unwrap_model(m) for k, m in trained.items()},
+                        lambda folder: trainables.save_weights(folder, unwrapped),
                         {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
                         cfg.checkpoints_total_limit,
                     )
@@ -323,13 +323,10 @@ def _train(cfg: TrainConfig) -> Path:
 
     accelerator.wait_for_everyone()
     if main:
-        final = assemble_pipeline(base, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder))
-        final.vae.to(torch.float32)
-        final.text_encoder.to(torch.float32)
         tmp = run.root / ".model.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        final.save_pretrained(tmp, safe_serialization=True)
+        trainables.save_final(tmp, base, {k: accelerator.unwrap_model(m) for k, m in trained.items()})
         if run.model.exists():
             shutil.rmtree(run.model)
         tmp.rename(run.model)

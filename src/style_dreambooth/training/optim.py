@@ -10,7 +10,7 @@ from ..errors import UserError
 
 
 def make_optimizer(
-    params: Iterable[torch.nn.Parameter],
+    params: Iterable[torch.nn.Parameter] | Iterable[dict],
     *,
     lr: float,
     betas: tuple[float, float],
@@ -18,7 +18,7 @@ def make_optimizer(
     eps: float,
     use_8bit: bool,
 ) -> torch.optim.Optimizer:
-    """AdamW, 8-bit (bitsandbytes) when asked."""
+    """AdamW, 8-bit (bitsandbytes) when asked; `params` may be parameter groups with their own lr."""
     params = list(params)
     if use_8bit:
         try:

@@ -42,7 +42,7 @@ class RunFolder:
         return self.root / "logs"
 
     def is_finished(self) -> bool:
-        return (self.model / "model_index.json").is_file()
+        return (self.model / "model_index.json").is_file() or (self.model / "lora.safetensors").is_file()
 
     def prepare(self, overwrite: bool, resuming: bool) -> None:
         """Refuse to clobber a run, check the folder is writable, and clear it on --overwrite."""

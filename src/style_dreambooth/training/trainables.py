@@ -1,0 +1,149 @@
+"""Which parameters train and how they are saved: full fine-tuning or LoRA.
+
+The training loop gets one of these and never asks which: it prepares `modules`, optimizes
+`param_groups()`, and calls `save_weights` / `load_weights` / `save_final`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import UserError
+from ..models.backbone import assemble_pipeline
+from .lora_file import load_lora_state_dict, lora_state_dict, read_lora_file, write_lora_file
+
+LORA_FILE = "lora.safetensors"
+
+
+class Trainables(Protocol):
+    modules: dict[str, torch.nn.Module]
+
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+    def save_weights(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None: ...
+
+    def load_weights(self, folder: Path) -> None: ...
+
+    def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None: ...
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class FullTrainables:
+    """Every UNet weight (and text-encoder weight with --train-text-encoder) trains."""
+
+    def __init__(self, cfg: TrainConfig, unet, text_encoder) -> None:
+        self.cfg = cfg
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(cfg.train_text_encoder)
+        self.modules = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = [{"params": _trainable(self.modules["unet"]), "lr": self.cfg.learning_rate}]
+        if "text_encoder" in self.modules:
+            lr = self.cfg.text_encoder_lr or self.cfg.learning_rate
+            groups.append({"params": _trainable(self.modules["text_encoder"]), "lr": lr})
+        return groups
+
+    def save_weights(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
+        for name, module in modules.items():
+            module.save_pretrained(folder / name, safe_serialization=True)
+
+    def load_weights(self, folder: Path) -> None:
+        for name, module in self.modules.items():
+            saved = type(module).from_pretrained(folder / name)
+            module.load_state_dict(saved.state_dict())
+
+    def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None:
+        pipe = assemble_pipeline(base, modules["unet"], modules.get("text_encoder", base.text_encoder))
+        pipe.vae.to(torch.float32)
+        pipe.text_encoder.to(torch.float32)
+        pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _matching_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    names = [n for n, _ in model.named_modules()]
+    return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+
+
+class LoraTrainables:
+    """Low-rank adapters on the UNet (and text encoder) attention layers; the base stays frozen."""
+
+    def __init__(self, cfg: TrainConfig, unet, text_encoder, base_model_hash: str) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.cfg = cfg
+        self.alpha = cfg.lora_alpha or float(cfg.rank)
+        self.base_model_hash = base_model_hash
+        models = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+        unet.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        for role, model in models.items():
+            targets = _matching_targets(model, cfg.lora_targets)
+            if not targets:
+                raise UserError(
+                    f"--lora-targets {','.join(cfg.lora_targets)} match no layer of the {role}; "
+                    "use names such as to_q,to_k,to_v,to_out.0 (UNet) and q_proj,k_proj,v_proj,out_proj (text encoder)"
+                )
+            config = LoraConfig(
+                r=cfg.rank, lora_alpha=self.alpha, lora_dropout=cfg.lora_dropout,
+                target_modules=targets, init_lora_weights="gaussian",
+            )
+            inject_adapter_in_model(config, model)
+            for name, param in model.named_parameters():
+                param.requires_grad_("lora_" in name)
+        self.modules = models
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = [{"params": _trainable(self.modules["unet"]), "lr": self.cfg.learning_rate}]
+        if "text_encoder" in self.modules:
+            lr = self.cfg.text_encoder_lr or self.cfg.learning_rate
+            groups.append({"params": _trainable(self.modules["text_encoder"]), "lr": lr})
+        return groups
+
+    def metadata(self) -> dict[str, object]:
+        """kohya-style ss_* keys (read by A1111/ComfyUI UIs) plus our own provenance."""
+        cfg = self.cfg
+        return {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(cfg.rank),
+            "ss_network_alpha": f"{self.alpha:g}",
+            "ss_base_model_version": "sd_v1",
+            "ss_output_name": cfg.output_dir.name,
+            "modelspec.architecture": "stable-diffusion-v1/lora",
+            "style_dreambooth.base_model": cfg.base_model,
+            "style_dreambooth.base_model_hash": self.base_model_hash,
+            "style_dreambooth.instance_prompt": cfg.instance_prompt,
+            "style_dreambooth.identifier": cfg.instance_prompt.split()[0],
+            "style_dreambooth.training_config": json.dumps(cfg.to_yaml_dict(), sort_keys=True),
+        }
+
+    def save_weights(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_lora_file(folder / LORA_FILE, lora_state_dict(modules), self.metadata())
+
+    def load_weights(self, folder: Path) -> None:
+        load_lora_state_dict(self.modules, read_lora_file(folder / LORA_FILE))
+
+    def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None:
+        self.save_weights(folder, modules)
+
+
+def base_model_hash(identity: dict[str, Any]) -> str:
+    """A short, stable hash of the base model's identity fingerprint (see models.loading.model_identity)."""
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def make_trainables(cfg: TrainConfig, unet, text_encoder, identity: dict[str, Any]) -> Trainables:
+    if cfg.method == "lora":
+        return LoraTrainables(cfg, unet, text_encoder, base_model_hash(identity))
+    return FullTrainables(cfg, unet, text_encoder)
