@@ -375,3 +375,35 @@ def test_metadata_reports_the_stored_dtype(tmp_path):
     with safe_open(str(out), "pt") as fh:
         assert fh.metadata()["dtype"] == "float16"
         assert fh.get_slice("model.diffusion_model.out.2.weight").get_dtype() == "F16"
+
+
+def test_export_cli_and_train_from_single_file(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+    """export RUN --to single-file, then --base-model FILE.safetensors trains from it."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from clihelp import run_cli, train_args
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, run, "--max-train-steps", "2"))[0] == 0
+    out = tmp_path / "style.safetensors"
+    code, stdout, err = run_cli(capsys, "export", run, "--to", "single-file", out)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "export", run, out)
+    assert code == 2 and str(out) in err, "an existing file is not overwritten silently"
+    loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_model), local_files_only=True)
+    trained = StableDiffusionPipeline.from_pretrained(run / "model")
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(loaded, name).state_dict(), getattr(trained, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+    code, _, err = run_cli(capsys, "export", run, "--half", "--overwrite", out)
+    assert code == 0, err
+
+    run2 = tmp_path / "run2"
+    code, _, err = run_cli(capsys, *train_args(out, instance_dir, run2, "--max-train-steps", "1",
+                                               "--base-config", tiny_model, "--no-prior-preservation"))
+    assert code == 0, err
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not really a pickle")
+    code, _, err = run_cli(capsys, *train_args(ckpt, instance_dir, tmp_path / "run3"))
+    assert code == 2 and "--allow-pickle" in err and "model.ckpt" in err

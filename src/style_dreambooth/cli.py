@@ -135,6 +135,26 @@ def random_model(shape: str, seed: int, prediction_type: str, overwrite: bool, o
 
 
 @app.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--to", "fmt", type=click.Choice(["single-file"]), default="single-file", show_default=True)
+@click.option("--checkpoint", default=None, help="Export a checkpoint (latest or step-N) instead of the final model.")
+@click.option("--half", is_flag=True, help="Store fp16 weights (half the size).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.argument("out", type=click.Path(path_type=Path))
+def export(run: Path, fmt: str, checkpoint: str | None, half: bool, overwrite: bool, out: Path) -> None:
+    """Write a full fine-tuned model as one .safetensors in the original SD layout (A1111, ComfyUI)."""
+    from .models.single_file import export_single_file
+    from .sampling.generate import resolve_model
+
+    _quiet_libraries()
+    pipe, label = resolve_model(str(run), checkpoint)
+    if getattr(pipe.unet, "peft_config", None):
+        raise UserError(f"'{run}' is a LoRA run; its model/lora.safetensors already loads in A1111 and ComfyUI")
+    path = export_single_file(pipe, out, half=half, overwrite=overwrite)
+    click.echo(f"wrote {label} as {path}")
+
+
+@app.command()
 @click.argument("word")
 @click.option("--base-model", default=None, help="Use this model's tokenizer (default: the SD 1.x CLIP tokenizer).")
 def token(word: str, base_model: str | None) -> None:
