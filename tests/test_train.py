@@ -187,3 +187,16 @@ def test_accelerate_launch_two_cpu_processes_saves_once(tmp_path, tiny_model, in
     assert log.count("saved checkpoint") == 1
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
     assert (out / "model" / "model_index.json").is_file()
+
+
+def test_token_and_random_model_commands(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "token", "yltcaxe")
+    assert code == 0, err
+    assert "4 BPE pieces" in out and "yl | t | ca | xe" in out and "try:" in out
+    code, out, _ = run_cli(capsys, "token", "sks")
+    assert code == 0 and "1 BPE token" in out and "try:" not in out
+    code, out, err = run_cli(capsys, "random-model", "--shape", "tiny", tmp_path / "m")
+    assert code == 0, err
+    assert (tmp_path / "m" / "model_index.json").is_file() and (tmp_path / "m" / "tokenizer").is_dir()
+    code, _, err = run_cli(capsys, "random-model", "--shape", "tiny", tmp_path / "m")
+    assert code == 2 and str(tmp_path / "m") in err

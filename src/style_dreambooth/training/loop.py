@@ -183,6 +183,7 @@ def _train(cfg: TrainConfig) -> Path:
     trainables = make_trainables(cfg, unet, text_encoder, model_identity(cfg.base_model, cfg.revision))
     if checkpoint is not None:
         trainables.load_weights(checkpoint)
+    trainables.cast_frozen(weight_dtype)
     if not cfg.train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     if cfg.gradient_checkpointing:

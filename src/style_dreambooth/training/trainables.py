@@ -26,6 +26,8 @@ class Trainables(Protocol):
 
     def param_groups(self) -> list[dict[str, Any]]: ...
 
+    def cast_frozen(self, dtype: torch.dtype) -> None: ...
+
     def save_weights(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None: ...
 
     def load_weights(self, folder: Path) -> None: ...
@@ -61,6 +63,9 @@ class FullTrainables:
         for name, module in self.modules.items():
             saved = type(module).from_pretrained(folder / name)
             module.load_state_dict(saved.state_dict())
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Nothing is frozen inside the trained modules."""
 
     def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None:
         pipe = assemble_pipeline(base, modules["unet"], modules.get("text_encoder", base.text_encoder))
@@ -108,6 +113,15 @@ class LoraTrainables:
             lr = self.cfg.text_encoder_lr or self.cfg.learning_rate
             groups.append({"params": _trainable(self.modules["text_encoder"]), "lr": lr})
         return groups
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Store the frozen base weights in the mixed-precision dtype; adapters stay fp32."""
+        if dtype == torch.float32:
+            return
+        for model in self.modules.values():
+            for param in model.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(dtype)
 
     def metadata(self) -> dict[str, object]:
         """kohya-style ss_* keys (read by A1111/ComfyUI UIs) plus our own provenance."""
