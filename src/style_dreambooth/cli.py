@@ -106,7 +106,8 @@ def train(config_file: Path | None, **flags: Any) -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--width", type=int, default=None, help="Default: the model's native size.")
 @click.option("--height", type=int, default=None, help="Default: the model's native size.")
-@click.option("--checkpoint", default=None, help="With a run folder: 'latest' or step-N instead of the final model.")
+@click.option("--checkpoint", default=None,
+              help="With a run folder: 'best' (after evaluate), 'latest' or step-N instead of the final model.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.ckpt/.bin) models.")
 @click.option("--lora", multiple=True, help="LoRA file to apply, FILE[:SCALE]; repeat to stack several.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the PNGs and grid.png.")
@@ -132,6 +133,65 @@ def random_model(shape: str, seed: int, prediction_type: str, overwrite: bool, o
     _quiet_libraries()
     path = save_random_model(shape, out, seed=seed, prediction_type=prediction_type, overwrite=overwrite)
     click.echo(f"wrote random {shape} model to {path}")
+
+
+def _eval_options(func):
+    func = click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), default=None,
+                        help="Subjects (.txt, one per line) or YAML with token/plain/class prompt lists.")(func)
+    func = click.option("--seeds", default="0,1,2,3", show_default=True, help="Comma-separated seeds per prompt.")(func)
+    func = click.option("--steps", default=25, show_default=True, type=click.IntRange(1, 1000))(func)
+    func = click.option("--clip", default="openai/clip-vit-base-patch32", show_default=True,
+                        help="CLIP weights for CLIP-T/CLIP-I (hub id or folder); 'none' to skip.")(func)
+    func = click.option("--dino", default="facebook/dinov2-small", show_default=True,
+                        help="DINO weights (hub id or folder); 'none' to skip.")(func)
+    return func
+
+
+def _eval_kwargs(prompt_file, seeds: str, steps: int, clip: str, dino: str) -> dict[str, Any]:
+    from .evaluation.learned import LearnedMetrics
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds '{seeds}' must be comma-separated integers") from None
+    if not seed_list:
+        raise UserError("--seeds needs at least one seed")
+    learned = LearnedMetrics.load(clip=None if clip == "none" else clip, dino=None if dino == "none" else dino)
+    return {"prompt_file": prompt_file, "seeds": seed_list, "steps": steps, "learned": learned}
+
+
+@app.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@_eval_options
+def evaluate(run: Path, prompt_file, seeds: str, steps: int, clip: str, dino: str) -> None:
+    """Score every checkpoint of RUN, pick the best, warn of overfitting; writes RUN/report.html."""
+    from .evaluation.evaluate import evaluate_run
+    from .reports.html import write_report
+
+    _quiet_libraries()
+    result = evaluate_run(run, **_eval_kwargs(prompt_file, seeds, steps, clip, dino))
+    report = write_report([result], run, f"Evaluation: {run.name}")
+    if result.choice:
+        click.echo(f"best checkpoint: {result.choice.name} (step {result.choice.step}): {result.choice.reason}")
+    if result.alarm and result.alarm.fired:
+        click.echo(f"overfitting alarm at step {result.alarm.step}: {'; '.join(result.alarm.reasons)}")
+    click.echo(f"report: {report}")
+
+
+@app.command()
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Base YAML config.")
+@click.option("--grid", multiple=True, required=True, help="key=v1,v2 (repeatable): the values to sweep.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Sweep folder (runs/ and report.html).")
+@_eval_options
+def sweep(config_file: Path, grid: tuple[str, ...], out: Path, prompt_file, seeds: str, steps: int, clip: str,
+          dino: str) -> None:
+    """Train and evaluate a grid of runs (resumable) into one report.html."""
+    from .sweep import parse_grid, run_sweep
+
+    _quiet_libraries()
+    report = run_sweep(config_file, parse_grid(list(grid)), out,
+                       eval_kwargs=_eval_kwargs(prompt_file, seeds, steps, clip, dino))
+    click.echo(f"report: {report}")
 
 
 @app.command()

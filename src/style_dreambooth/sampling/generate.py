@@ -35,6 +35,10 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
         if checkpoint is not None:
             raise UserError(f"--checkpoint needs a run folder, but '{model}' is not one (no config.yaml)")
         return load_pipeline(model, torch_dtype=dtype, allow_pickle=allow_pickle), path.name or model
+    if checkpoint == "best":
+        from ..evaluation.evaluate import best_checkpoint_spec
+
+        checkpoint = best_checkpoint_spec(path)
     if checkpoint is None:
         final = path / "model"
         if (final / "model_index.json").is_file():

@@ -1,0 +1,1 @@
+"""Per-checkpoint metrics, checkpoint choice and the overfitting alarm."""

@@ -1,0 +1,168 @@
+"""One HTML report for one run or a sweep: image grids, metric tables, metric-vs-step plots.
+
+The report is a folder: ``report.html`` plus ``report_files/`` (plots), with images referenced by
+relative paths inside the same folder tree, so it opens offline and can be zipped as is.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+from ..evaluation.evaluate import RunEvaluation
+
+PLOTTED = (
+    ("style_distance", "style distance (token prompts; lower = closer to the artist)"),
+    ("style_distance_no_token", "style distance without the token (leak if it falls)"),
+    ("diversity", "diversity within a prompt"),
+    ("max_instance_similarity", "similarity to nearest instance image"),
+    ("copy_rate", "copy rate (memorisation)"),
+    ("prior_drift", "prior drift on the class prompt vs base"),
+    ("prompt_fidelity", "prompt fidelity"),
+)
+TABLE_KEYS = (
+    "style_distance", "palette", "texture", "edges", "style_distance_no_token", "diversity",
+    "max_instance_similarity", "copy_rate", "prior_drift", "clip_t", "clip_i", "dino",
+)
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}
+tr.chosen td{background:#e6f4e6;font-weight:bold}tr.alarm td{background:#fde8e8}
+.grid img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #ccc}
+.grid td{padding:2px;vertical-align:middle}.note{color:#555;font-size:.9em}
+.alarm-box{background:#fde8e8;border:1px solid #e99;padding:8px;margin:8px 0}
+.plots img{width:420px;margin:4px;border:1px solid #eee}
+"""
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "skipped"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _rel(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def _plot(evals: list[RunEvaluation], key: str, title: str, out: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []
+    for ev in evals:
+        pts = [(p.step, p.get(key)) for p in sorted(ev.points, key=lambda p: p.step) if p.get(key) is not None]
+        if pts:
+            series.append((ev, pts))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(5.6, 3.4), dpi=90)
+    for ev, pts in series:
+        line, = ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, label=ev.run.name)
+        if ev.choice is not None:
+            chosen = [v for s, v in pts if s == ev.choice.step]
+            if chosen:
+                ax.plot([ev.choice.step], chosen, marker="*", ms=14, color=line.get_color(), mec="black")
+        if ev.alarm is not None and ev.alarm.fired:
+            ax.axvline(ev.alarm.step, color=line.get_color(), ls=":", lw=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if len(series) > 1:
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
+def _image_grid(ev: RunEvaluation, out_dir: Path, rows: list, first_seed: int) -> str:
+    prompts = ev.settings.prompts
+    cols = [("token", i, p) for i, p in enumerate(prompts.token)] + [("class", i, p) for i, p in enumerate(prompts.klass)]
+    head = "".join(f"<th>{html.escape(p)}</th>" for _, _, p in cols)
+    body = []
+    for label, point_name in rows:
+        cells = []
+        for kind, i, _ in cols:
+            path = ev.image_path(point_name, kind, i, first_seed)
+            cells.append(f'<td><img src="{_rel(path, out_dir)}" alt="{kind} {i}"></td>' if path.is_file() else "<td>-</td>")
+        body.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
+    return f'<table class="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>'
+
+
+def _metric_table(ev: RunEvaluation) -> str:
+    keys = [k for k in TABLE_KEYS if any(k in p.metrics for p in ev.points)]
+    extra = sorted({k for p in ev.points for k in p.metrics} - set(TABLE_KEYS) - {"prompt_fidelity"})
+    keys += extra
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    rows = []
+    for p in sorted(ev.points, key=lambda p: p.step):
+        cls = ""
+        if ev.choice is not None and p.step == ev.choice.step:
+            cls = ' class="chosen"'
+        elif ev.alarm is not None and ev.alarm.fired and p.step == ev.alarm.step:
+            cls = ' class="alarm"'
+        cells = "".join(f"<td>{_fmt(p.metrics.get(k))}</td>" for k in keys)
+        rows.append(f"<tr{cls}><td>{html.escape(p.name)} ({p.step})</td>{cells}</tr>")
+    return f"<table><tr><th>model (step)</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def write_report(evals: list[RunEvaluation], out_dir: Path, title: str) -> Path:
+    """Write out_dir/report.html (+ report_files/); images must live under out_dir."""
+    files = out_dir / "report_files"
+    files.mkdir(parents=True, exist_ok=True)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    first_seed = evals[0].settings.seeds[0] if evals else 0
+
+    # Summary: one row per run with its chosen checkpoint and alarm.
+    parts.append("<h2>Runs</h2><table><tr><th>run</th><th>chosen checkpoint</th><th>why</th><th>overfitting alarm</th></tr>")
+    for ev in evals:
+        choice = f"{ev.choice.name} (step {ev.choice.step})" if ev.choice else "-"
+        why = html.escape(ev.choice.reason) if ev.choice else "-"
+        alarm = (f"step {ev.alarm.step}: " + html.escape("; ".join(ev.alarm.reasons))) if ev.alarm and ev.alarm.fired else "none"
+        parts.append(f"<tr><td>{html.escape(ev.run.name)}</td><td>{choice}</td><td>{why}</td><td>{alarm}</td></tr>")
+    parts.append("</table>")
+
+    if len(evals) > 1:
+        parts.append(f"<h2>Runs &times; prompts at each run's chosen checkpoint (seed {first_seed})</h2>")
+        rows_html = []
+        for ev in evals:
+            if ev.choice is not None:
+                rows_html.append(_image_grid(ev, out_dir, [(ev.run.name, ev.choice.name)], first_seed))
+        parts.append("".join(rows_html))
+
+    parts.append("<h2>Metrics against steps</h2><div class='plots'>")
+    for key, label in PLOTTED:
+        out = files / f"{key}.png"
+        if _plot(evals, key, label, out):
+            parts.append(f'<img src="{_rel(out, out_dir)}" alt="{html.escape(label)}">')
+    parts.append("</div><p class='note'>&#9733; marks the chosen checkpoint; a dotted line marks where the overfitting alarm fired.</p>")
+
+    for ev in evals:
+        parts.append(f"<h2>Run {html.escape(ev.run.name)}</h2>")
+        if ev.alarm is not None and ev.alarm.fired:
+            parts.append(f"<div class='alarm-box'>Overfitting alarm at step {ev.alarm.step}: "
+                         f"{html.escape('; '.join(ev.alarm.reasons))}</div>")
+        parts.append(_metric_table(ev))
+        rows = [(f"{p.name} ({p.step})", p.name) for p in sorted(ev.points, key=lambda p: p.step)]
+        parts.append(f"<p class='note'>Images per checkpoint, seed {first_seed}:</p>")
+        parts.append(_image_grid(ev, out_dir, rows, first_seed))
+        if ev.skipped:
+            items = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in sorted(ev.skipped.items()))
+            parts.append(f"<p class='note'>Skipped metrics:</p><ul class='note'>{items}</ul>")
+    parts.append("<p class='note'>Metric definitions: docs/metrics.md in the Style-DreamBooth repository.</p></body></html>")
+    path = out_dir / "report.html"
+    tmp = path.with_name(".report.html.tmp")
+    tmp.write_text("".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

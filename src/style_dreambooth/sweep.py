@@ -1,0 +1,85 @@
+"""Sweeps: a grid over config keys -> runs (resumable, sharing class-image caches) -> one report."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import build_config, normalize_keys, read_yaml
+from .errors import UserError
+from .evaluation.evaluate import RunEvaluation, evaluate_run
+from .reports.html import write_report
+from .training.checkpoints import list_checkpoints
+from .training.loop import train
+from .training.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def _parse_value(text: str) -> Any:
+    """Numbers as numbers (YAML 1.1 reads '1e-3' as a string), then YAML (true, null, ...)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """['max_train_steps=400,800', ...] -> {'max_train_steps': [400, 800], ...} (YAML-typed values)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values.strip():
+            raise UserError(f"--grid '{item}' must look like key=value1,value2")
+        (name,) = normalize_keys({key.strip(): None}, "--grid")
+        parsed = [_parse_value(v.strip()) for v in values.split(",") if v.strip()]
+        if name in grid:
+            raise UserError(f"--grid names '{key}' twice; give all its values in one --grid")
+        grid[name] = parsed
+    return grid
+
+
+def run_name(combo: dict[str, Any]) -> str:
+    raw = "__".join(f"{k}={v}" for k, v in combo.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", raw)
+
+
+def run_sweep(
+    config_file: Path,
+    grid: dict[str, list[Any]],
+    out: Path,
+    *,
+    eval_kwargs: dict[str, Any] | None = None,
+) -> Path:
+    """Train and evaluate every grid point under out/runs/, then write out/report.html."""
+    base = read_yaml(config_file)
+    if "output_dir" in grid:
+        raise UserError("--grid cannot vary output_dir; the sweep names each run's folder")
+    keys = list(grid)
+    combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    # Validate every combination before any training starts.
+    configs = [build_config(base, {**combo, "output_dir": out / "runs" / run_name(combo)}) for combo in combos]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump({"config": str(config_file), "grid": grid}, sort_keys=False))
+    evals: list[RunEvaluation] = []
+    for i, cfg in enumerate(configs, 1):
+        run = RunFolder(cfg.output_dir)
+        if run.is_finished():
+            log.info("sweep %d/%d: %s already trained", i, len(configs), cfg.output_dir.name)
+        else:
+            if list_checkpoints(cfg.output_dir):
+                cfg = cfg.model_copy(update={"resume_from_checkpoint": "latest"})
+                log.info("sweep %d/%d: resuming %s", i, len(configs), cfg.output_dir.name)
+            else:
+                cfg = cfg.model_copy(update={"overwrite": True})
+                log.info("sweep %d/%d: training %s", i, len(configs), cfg.output_dir.name)
+            train(cfg)
+        evals.append(evaluate_run(cfg.output_dir, **(eval_kwargs or {})))
+    return write_report(evals, out, f"Sweep report: {config_file.name}")

@@ -1,0 +1,48 @@
+"""Checkpoint choice and the overfitting alarm on hand-made metric curves."""
+
+from style_dreambooth.evaluation.selection import Point, choose_checkpoint, overfitting_alarm
+
+
+def curve(rows):
+    return [Point(step, f"step-{step:06d}" if step else "base", m) for step, m in rows]
+
+
+def test_earliest_saturated_checkpoint_is_chosen_and_alarm_fires_on_lost_diversity():
+    points = curve([
+        (0, {"style_distance": 5.0, "diversity": 0.60}),
+        (200, {"style_distance": 3.0, "diversity": 0.58, "copy_rate": 0.0}),
+        (400, {"style_distance": 1.3, "diversity": 0.55, "copy_rate": 0.0}),
+        (800, {"style_distance": 1.1, "diversity": 0.50, "copy_rate": 0.0}),
+        (1600, {"style_distance": 1.0, "diversity": 0.30, "copy_rate": 0.0}),
+    ])
+    # largest gain: 5.0 - 1.0 = 4.0; limit 1.0 + 0.4 = 1.4 -> 400, 800, 1600 saturated
+    choice = choose_checkpoint(points)
+    assert choice.step == 400 and "1.400" in choice.reason
+    alarm = overfitting_alarm(points, choice)
+    assert alarm.fired and alarm.step == 1600 and "diversity" in alarm.reasons[0]
+
+
+def test_copies_are_skipped_and_raise_the_alarm():
+    points = curve([
+        (0, {"style_distance": 4.0}),
+        (100, {"style_distance": 1.0, "copy_rate": 0.25}),
+        (200, {"style_distance": 1.05, "copy_rate": 0.0, "prompt_fidelity": 0.30}),
+        (300, {"style_distance": 1.02, "copy_rate": 0.5, "prompt_fidelity": 0.31}),
+    ])
+    choice = choose_checkpoint(points)
+    assert choice.step == 200 and "skipped" in choice.reason
+    alarm = overfitting_alarm(points, choice)
+    assert alarm.fired and alarm.step == 300 and any("copy rate" in r for r in alarm.reasons)
+
+
+def test_no_alarm_on_a_healthy_run_and_fidelity_drop_detected():
+    healthy = curve([
+        (0, {"style_distance": 3.0, "diversity": 0.5, "prompt_fidelity": 0.3}),
+        (100, {"style_distance": 1.2, "diversity": 0.5, "prompt_fidelity": 0.3}),
+        (200, {"style_distance": 1.1, "diversity": 0.48, "prompt_fidelity": 0.295}),
+    ])
+    choice = choose_checkpoint(healthy)
+    assert choice.step == 100 and not overfitting_alarm(healthy, choice).fired
+    healthy[2].metrics["prompt_fidelity"] = 0.25
+    alarm = overfitting_alarm(healthy, choice)
+    assert alarm.fired and "prompt fidelity" in alarm.reasons[0]
