@@ -46,3 +46,10 @@ def test_no_alarm_on_a_healthy_run_and_fidelity_drop_detected():
     healthy[2].metrics["prompt_fidelity"] = 0.25
     alarm = overfitting_alarm(healthy, choice)
     assert alarm.fired and "prompt fidelity" in alarm.reasons[0]
+
+
+def test_warns_when_no_checkpoint_beats_the_base():
+    points = curve([(0, {"style_distance": 2.0}), (100, {"style_distance": 2.1}), (200, {"style_distance": 2.3})])
+    assert "no checkpoint is closer" in choose_checkpoint(points).reason
+    points[2].metrics["style_distance"] = 1.5
+    assert "no checkpoint is closer" not in choose_checkpoint(points).reason

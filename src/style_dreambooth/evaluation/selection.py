@@ -79,6 +79,9 @@ def choose_checkpoint(points: list[Point]) -> Choice:
     else:
         pick = min(clean, key=lambda p: (p.get("style_distance"), p.step))
         reason = "lowest style distance among checkpoints without copies"
+    base = next((p.get("style_distance") for p in points if p.step == 0), None)
+    if base is not None and min(p.get("style_distance") for p in trained) >= base:
+        reason += "; warning: no checkpoint is closer to the instance style than the base model (too few steps or too low a learning rate?)"
     if len(clean) < len(trained):
         reason += f"; {len(trained) - len(clean)} checkpoint(s) skipped for copying instance images"
     return Choice(pick.step, pick.name, reason)
