@@ -299,6 +299,8 @@ def _train(cfg: TrainConfig) -> Path:
                     "prior_loss": prior_loss if classes is not None else None,
                     "lr": lr_scheduler.get_last_lr()[0], "it_per_s": steps_since / max(now - t_last, 1e-9),
                 }
+                if torch.cuda.is_available():
+                    record["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 t_last, steps_since = now, 0
                 if main:
                     run.append_metrics(record)
