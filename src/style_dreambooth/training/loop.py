@@ -210,6 +210,8 @@ def _train(cfg: TrainConfig) -> Path:
         state = load_training_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if accelerator.scaler is not None and state.get("grad_scaler"):
+            accelerator.scaler.load_state_dict(state["grad_scaler"])
         start_step = int(state["step"])
         log.info("resumed from %s at step %d", checkpoint, start_step)
         if main:
@@ -319,7 +321,11 @@ def _train(cfg: TrainConfig) -> Path:
                     save_checkpoint(
                         run.root, global_step,
                         lambda folder: trainables.save_weights(folder, unwrapped),
-                        {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
+                        {
+                            "optimizer": optimizer.state_dict(),
+                            "lr_scheduler": lr_scheduler.state_dict(),
+                            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+                        },
                         cfg.checkpoints_total_limit,
                     )
                 accelerator.wait_for_everyone()
