@@ -182,3 +182,28 @@ def test_unusual_image_modes_train(tmp_path, run_train, mode):
         rgb.save(folder / "x.jpg", exif=exif)
     code, _, err = run_train(folder, "--no-prior-preservation")
     assert code == 0, err
+
+
+def test_overwrite_with_bad_input_keeps_the_finished_run(tmp_path, run_train, instance_dir, capsys):
+    out = tmp_path / "out"
+    assert run_train(instance_dir, out=out)[0] == 0
+    weights = out / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    code, _, err = run_cli(capsys, *train_args(tmp_path / "no-model", instance_dir, out, "--overwrite"))
+    _assert_user_error(code, err, "no-model")
+    assert weights.read_bytes() == before and (out / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("value", ["100", "65"])
+def test_resolution_must_be_a_multiple_of_8(tmp_path, run_train, instance_dir, value):
+    code, _, err = run_train(instance_dir, "--resolution", value)
+    _assert_user_error(code, err, "resolution", "multiple of 8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixed_precision_no_in_yaml(tmp_path, instance_dir):
+    from style_dreambooth.config import build_config, read_yaml
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"instance_dir: {instance_dir}\ninstance_prompt: a b\noutput_dir: o\nmixed_precision: no\n")
+    assert build_config(read_yaml(cfg_file), {}).mixed_precision == "no"

@@ -200,3 +200,100 @@ def test_token_and_random_model_commands(tmp_path, capsys):
     assert (tmp_path / "m" / "model_index.json").is_file() and (tmp_path / "m" / "tokenizer").is_dir()
     code, _, err = run_cli(capsys, "random-model", "--shape", "tiny", tmp_path / "m")
     assert code == 2 and str(tmp_path / "m") in err
+
+
+def test_training_options_bf16_vpred_snr_offset_checkpointing(tmp_path, instance_dir, cache_env, capsys):
+    """v-prediction + bf16 + min-SNR + offset noise + gradient checkpointing run through the loop, and
+    the frozen VAE and text encoder are saved bit-identical to the base (not rounded to bf16)."""
+    from safetensors.torch import load_file
+
+    from style_dreambooth.models.random_model import save_random_model
+
+    model = save_random_model("tiny", tmp_path / "vpred", seed=3, prediction_type="v_prediction")
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(model, instance_dir, run, "--mixed-precision", "bf16",
+                                               "--snr-gamma", "5", "--offset-noise", "0.1",
+                                               "--gradient-checkpointing", "--no-train-text-encoder",
+                                               "--max-train-steps", "2"))
+    assert code == 0, err
+    assert all(m["loss"] > 0 for m in _metrics(run))
+    for part, name in (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        saved, base = load_file(run / "model" / part / name), load_file(model / part / name)
+        assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base), part
+    assert yaml.safe_load((run / "model" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_captions_are_added_to_the_instance_prompt(tmp_path):
+    from style_dreambooth.data.dataset import instance_examples
+
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (64, 64)).save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("a red fox\n")
+    (tmp_path / "b.txt").write_text("yltcaxe artstyle, a tower at dusk")
+    examples = instance_examples(sorted(tmp_path.glob("*.png")), "yltcaxe artstyle")
+    assert [e.prompt for e in examples] == [
+        "yltcaxe artstyle, a red fox", "yltcaxe artstyle, a tower at dusk", "yltcaxe artstyle"]
+
+
+def test_lora_resume_equals_uninterrupted_run(tmp_path, tiny_model, instance_dir, cache_env, capsys, monkeypatch):
+    import style_dreambooth.training.loop as loop
+
+    common = ["--method", "lora", "--rank", "2", "--lora-dropout", "0.1", "--max-train-steps", "4",
+              "--checkpointing-steps", "2"]
+    full = tmp_path / "full"
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, full, *common))[0] == 0
+    real_save = loop.save_checkpoint
+
+    def crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(loop, "save_checkpoint", crash)
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, part, *common))[0] == 130
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    # A contradicting flag is refused; the run's own config.yaml supplies everything else.
+    code, _, err = run_cli(capsys, "train", "--output-dir", part, "--resume-from-checkpoint", "latest", "--rank", "8")
+    assert code == 2 and "rank" in err
+    code, _, err = run_cli(capsys, "train", "--output-dir", part, "--resume-from-checkpoint", "latest")
+    assert code == 0, err
+    a, b = _metrics(full), _metrics(part)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
+
+
+def test_rerun_after_interruption_without_checkpoint_starts_clean(tmp_path, tiny_model, instance_dir, cache_env,
+                                                                   capsys, monkeypatch):
+    import style_dreambooth.training.loop as loop
+
+    run = tmp_path / "run"
+    real = loop.RunFolder.append_metrics
+    calls = []
+
+    def interrupt_after_two(self, record):
+        real(self, record)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.RunFolder, "append_metrics", interrupt_after_two)
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, run))[0] == 130
+    monkeypatch.setattr(loop.RunFolder, "append_metrics", real)
+    assert [m["step"] for m in _metrics(run)] == [1, 2]
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, run))[0] == 0
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]
+
+
+def test_run_config_uses_absolute_paths(tmp_path, tiny_model, instance_dir, cache_env, capsys, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, *train_args("m", instance_dir, "rel-run", "--method", "lora", "--max-train-steps", "1"))[0] == 0
+    config = yaml.safe_load((tmp_path / "rel-run" / "config.yaml").read_text())
+    assert config["base_model"] == str(tmp_path / "m") and config["output_dir"] == str(tmp_path / "rel-run")
+    monkeypatch.chdir("/")
+    code, _, err = run_cli(capsys, "generate", "--model", tmp_path / "rel-run", "--prompt", "x", "-n", "1",
+                           "--steps", "2", "--out", tmp_path / "g")
+    assert code == 0, err

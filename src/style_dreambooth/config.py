@@ -123,6 +123,8 @@ class TrainConfig(BaseModel):
     @classmethod
     def _method_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            if data.get("mixed_precision") is False:  # YAML reads a bare `no` as false
+                data = {**data, "mixed_precision": "no"}
             if data.get("learning_rate") is None:
                 data = {**data, "learning_rate": 1e-4 if data.get("method") == "lora" else 1e-6}
             targets = data.get("lora_targets")
@@ -136,6 +138,8 @@ class TrainConfig(BaseModel):
     def _check_prompts(self) -> "TrainConfig":
         if not self.instance_prompt.strip():
             raise ValueError("instance_prompt must not be empty")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE's scale), e.g. {self.resolution // 8 * 8}")
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:

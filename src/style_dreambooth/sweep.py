@@ -51,6 +51,25 @@ def run_name(combo: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", raw)
 
 
+def _check_same_run(run: RunFolder, cfg) -> None:
+    """A run folder from an earlier sweep must have been trained with the same settings."""
+    if not run.config.is_file():
+        return
+    saved = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+    wanted = cfg.to_yaml_dict()
+    for key, value in wanted.items():
+        if key in ("output_dir", "mixed_precision", "class_prompt") or value is None:
+            continue
+        saved_value = saved.get(key)
+        if isinstance(value, str) and saved_value is not None and Path(value).exists():
+            value, saved_value = str(Path(value).absolute()), str(Path(str(saved_value)).absolute())
+        if key in saved and saved_value != value:
+            raise UserError(
+                f"sweep run '{run.root}' was trained with {key}={saved.get(key)!r}, the sweep now asks for "
+                f"{value!r}; use a new --out or delete that run"
+            )
+
+
 def run_sweep(
     config_file: Path,
     grid: dict[str, list[Any]],
@@ -71,6 +90,7 @@ def run_sweep(
     evals: list[RunEvaluation] = []
     for i, cfg in enumerate(configs, 1):
         run = RunFolder(cfg.output_dir)
+        _check_same_run(run, cfg)
         if run.is_finished():
             log.info("sweep %d/%d: %s already trained", i, len(configs), cfg.output_dir.name)
         else:

@@ -56,7 +56,7 @@ def default_cache_root() -> Path:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
 
@@ -117,7 +117,7 @@ def ensure_class_images(
             images = generate(spec.prompt, seeds)
             for i, seed, image in zip(chunk, seeds, images):
                 name = f"{i:06d}.png"
-                tmp = folder / f".{name}.tmp"
+                tmp = folder / f".{name}.{os.getpid()}.tmp"
                 image.save(tmp, format="PNG")
                 os.replace(tmp, folder / name)
                 entries[i] = {"index": i, "file": name, "seed": seed}

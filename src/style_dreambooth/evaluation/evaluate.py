@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..data.images import list_images, load_image
 from ..errors import UserError
-from ..models.loading import load_pipeline
+from ..models.loading import load_pipeline, model_identity
 from ..progress import progress_bar
 from ..sampling.generate import resolve_model, sample
 from ..sampling.images import make_scheduler, save_png
@@ -223,8 +223,15 @@ def evaluate_run(
         for step, name, spec in models:
             folder = eval_dir / name
             scores_file = folder / "scores.json"
+            weights = config["base_model"] if spec == "base" else str(run / "model" if spec is None else run / "checkpoints" / spec)
+            identity = hashlib.sha256(json.dumps(model_identity(weights), sort_keys=True, default=str).encode()).hexdigest()
             cached = json.loads(scores_file.read_text()) if scores_file.is_file() else None
-            if cached and cached.get("settings") == settings.key() and cached.get("n_images") == n_images:
+            if (
+                cached
+                and cached.get("settings") == settings.key()
+                and cached.get("n_images") == n_images
+                and cached.get("model") == identity
+            ):
                 images = _load_images(folder, prompts, settings.seeds)
                 metrics = cached["metrics"]
             else:
@@ -253,7 +260,8 @@ def evaluate_run(
                     base_class = images["class"]
                 metrics = scorer.score(images, prompts.by_kind(), len(settings.seeds), base_class)
                 tmp = scores_file.with_name(".scores.json.tmp")
-                tmp.write_text(json.dumps({"settings": settings.key(), "n_images": n_images, "metrics": metrics}, indent=1))
+                record = {"settings": settings.key(), "model": identity, "n_images": n_images, "metrics": metrics}
+                tmp.write_text(json.dumps(record, indent=1))
                 os.replace(tmp, scores_file)
             if step == 0:
                 base_class = images["class"]  # the reference for prior drift

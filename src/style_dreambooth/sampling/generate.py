@@ -167,12 +167,12 @@ def generate(req: GenerateRequest) -> list[Path]:
     for name, value in (("--width", req.width), ("--height", req.height)):
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"{name} {value} must be a positive multiple of 8")
+    cuda = torch.cuda.is_available()
+    pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, torch.float16 if cuda else None)
     try:
         req.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"output dir '{req.out}' is not writable ({exc.strerror}); choose another --out") from None
-    cuda = torch.cuda.is_available()
-    pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, torch.float16 if cuda else None)
     lora_labels = apply_loras(pipe, list(req.lora))
     if lora_labels:
         label += " + " + " + ".join(lora_labels)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from ..config import TrainConfig
 from ..data.class_cache import ClassImageSpec, default_cache_root, ensure_class_images
@@ -40,7 +42,45 @@ def resolve_mixed_precision(requested: str | None, cuda: bool) -> str:
         return "fp16" if cuda else "no"
     if requested == "fp16" and not cuda:
         raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("--mixed-precision bf16 is not supported by this GPU (e.g. a T4 or V100); use fp16")
     return requested
+
+
+# Keys that must not change when a run is resumed: they shape the weights, optimizer or data order.
+RESUME_FIXED_KEYS = (
+    "base_model", "method", "rank", "lora_alpha", "lora_targets", "train_text_encoder", "use_8bit_adam",
+    "seed", "train_batch_size", "gradient_accumulation_steps", "resolution", "center_crop",
+    "with_prior_preservation", "instance_prompt",
+)
+
+
+def check_resume_config(run: RunFolder, cfg: TrainConfig) -> None:
+    """Refuse a resume whose settings contradict the run's config.yaml."""
+    if not run.config.is_file():
+        return
+    saved = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+    now = cfg.to_yaml_dict()
+    for key in RESUME_FIXED_KEYS:
+        if key in saved and saved[key] != now.get(key):
+            raise UserError(
+                f"cannot resume '{run.root}': {key} is {saved[key]!r} in its config.yaml but {now.get(key)!r} now; "
+                "resume with the same value or start a new run"
+            )
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute, so the run's config.yaml works from any directory."""
+    update: dict = {}
+    for key in ("instance_dir", "class_dir", "output_dir"):
+        value = getattr(cfg, key)
+        if value is not None:
+            update[key] = Path(value).expanduser().absolute()
+    for key in ("base_model", "base_config"):
+        value = getattr(cfg, key)
+        if value and Path(value).expanduser().exists():
+            update[key] = str(Path(value).expanduser().absolute())
+    return cfg.model_copy(update=update)
 
 
 def resolve_class_prompt(cfg: TrainConfig) -> str:
@@ -131,6 +171,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig) -> Path:
+    cfg = absolute_paths(cfg)
     run = RunFolder(cfg.output_dir)
     resuming = cfg.resume_from_checkpoint is not None
     cuda = torch.cuda.is_available()
@@ -139,12 +180,21 @@ def _train(cfg: TrainConfig) -> Path:
     instance_paths = list_images(cfg.instance_dir, role="instance", min_size=64)
     run.prepare(overwrite=cfg.overwrite, resuming=resuming)
     checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint) if resuming else None
+    if resuming:
+        check_resume_config(run, cfg)
 
+    # accelerate keeps one global state per process; a second run in the same process (a sweep,
+    # the tests) may ask for another precision. The process group itself is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs)),
+        # Rank 0 may spend a long time generating class images while the others wait.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))],
     )
     main = accelerator.is_main_process
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
@@ -180,6 +230,7 @@ def _train(cfg: TrainConfig) -> Path:
     unet, text_encoder = base.unet, base.text_encoder
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtype=weight_dtype)
+    torch.manual_seed(cfg.seed)  # LoRA's initial weights
     trainables = make_trainables(cfg, unet, text_encoder, model_identity(cfg.base_model, cfg.revision))
     if checkpoint is not None:
         trainables.load_weights(checkpoint)
@@ -206,6 +257,8 @@ def _train(cfg: TrainConfig) -> Path:
     text_encoder = trained.get("text_encoder", text_encoder)
 
     start_step = 0
+    if not resuming and main:
+        run.clear_artefacts()  # nothing of value: no finished model, no checkpoint, or --overwrite
     if checkpoint is not None:
         state = load_training_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
@@ -213,6 +266,11 @@ def _train(cfg: TrainConfig) -> Path:
         if accelerator.scaler is not None and state.get("grad_scaler"):
             accelerator.scaler.load_state_dict(state["grad_scaler"])
         start_step = int(state["step"])
+        if start_step >= cfg.max_train_steps:
+            raise UserError(
+                f"checkpoint '{checkpoint}' is at step {start_step}, not before --max-train-steps "
+                f"{cfg.max_train_steps}; raise --max-train-steps to train further"
+            )
         log.info("resumed from %s at step %d", checkpoint, start_step)
         if main:
             run.truncate_metrics(start_step)
@@ -257,7 +315,9 @@ def _train(cfg: TrainConfig) -> Path:
                     sample_numbers(step, micro, accum, world, rank, cfg.train_batch_size),
                     instances, instance_order, classes, class_order, cfg.center_crop,
                 )
-                gen = torch.Generator(device=accelerator.device).manual_seed(_step_seed(cfg.seed, step, micro, rank))
+                step_seed = _step_seed(cfg.seed, step, micro, rank)
+                gen = torch.Generator(device=accelerator.device).manual_seed(step_seed)
+                torch.manual_seed(step_seed)  # dropout (e.g. --lora-dropout) draws from the global RNG
                 with accelerator.accumulate(*trained.values()):
                     pixels = batch.pixels.to(accelerator.device, dtype=weight_dtype)
                     with torch.no_grad():
@@ -335,6 +395,12 @@ def _train(cfg: TrainConfig) -> Path:
         tmp = run.root / ".model.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
+        if weight_dtype != torch.float32 and cfg.method == "full":
+            # Frozen parts were cast to half precision for training; save them from an fp32 load.
+            base = load_pipeline(
+                cfg.base_model, revision=cfg.revision, allow_pickle=cfg.allow_pickle,
+                single_file_config=cfg.base_config,
+            )
         trainables.save_final(tmp, base, {k: accelerator.unwrap_model(m) for k, m in trained.items()})
         if run.model.exists():
             shutil.rmtree(run.model)

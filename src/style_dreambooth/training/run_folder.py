@@ -14,7 +14,9 @@ from ..errors import UserError
 from .checkpoints import list_checkpoints
 
 # Artefacts a run writes; --overwrite removes exactly these and nothing else.
-_RUN_ARTEFACTS = ("model", "checkpoints", "samples", "logs", "metrics.jsonl", "config.yaml")
+_RUN_ARTEFACTS = (
+    "model", "checkpoints", "samples", "logs", "metrics.jsonl", "config.yaml", "eval", "report.html", "report_files",
+)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class RunFolder:
         return (self.model / "model_index.json").is_file() or (self.model / "lora.safetensors").is_file()
 
     def prepare(self, overwrite: bool, resuming: bool) -> None:
-        """Refuse to clobber a run, check the folder is writable, and clear it on --overwrite."""
+        """Refuse to clobber a run and check the folder is writable. Deletes nothing: a fresh run
+        calls `clear_artefacts` only once all its inputs have been checked."""
         root = self.root
         if root.exists() and not root.is_dir():
             raise UserError(f"output dir '{root}' is a file; pass a folder path to --output-dir")
@@ -67,13 +70,16 @@ class RunFolder:
             probe.unlink()
         except OSError as exc:
             raise UserError(f"output dir '{root}' is not writable ({exc.strerror}); choose another --output-dir") from None
-        if overwrite and not resuming:
-            for name in _RUN_ARTEFACTS:
-                path = root / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+
+    def clear_artefacts(self) -> None:
+        """Remove a previous run's artefacts (and nothing else) before a fresh run writes its own."""
+        root = self.root
+        for name in _RUN_ARTEFACTS:
+            path = root / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     def write_config(self, data: dict[str, Any]) -> None:
         tmp = self.config.with_name(".config.yaml.tmp")

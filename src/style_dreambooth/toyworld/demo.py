@@ -1,0 +1,114 @@
+"""`style-dreambooth demo`: the whole proof-world flow offline on a CPU in a few minutes.
+
+Class images from the shipped base -> DreamBooth fine-tune through the real ``train`` ->
+sampling of base and fine-tuned model at the same prompts and seeds -> judging -> an HTML page
+with before/after grids and the metric table.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from PIL import Image
+
+from ..sampling.images import make_grid
+from .experiment import ExperimentConfig, ExperimentMetrics, Gallery, run_experiment
+from .judges import Judges
+
+log = logging.getLogger(__name__)
+
+
+def demo_config(steps: int | None = None) -> ExperimentConfig:
+    """A smaller evaluation than the full experiment, so the demo fits in ~5 CPU minutes."""
+    cfg = ExperimentConfig(num_class_images=24, class_inference_steps=20, eval_steps=20, eval_seeds=2, drift_seeds=8)
+    if steps is not None:
+        cfg.max_train_steps = steps
+    return cfg
+
+
+_ROWS = (
+    ("style_hit_rate", "Style hit: held-out subjects with the token judged yltcaxe", "higher is better"),
+    ("leak_rate", "Leak: prompts without the token judged yltcaxe", "lower is better"),
+    ("subject_acc_token", "Subject accuracy with the token", ""),
+    ("colour_acc_token", "Colour accuracy with the token", ""),
+    ("subject_acc_plain", "Subject accuracy, plain prompts (fine-tuned)", ""),
+    ("base_subject_acc", "Subject accuracy, plain prompts (base)", ""),
+    ("base_colour_acc", "Colour accuracy, plain prompts (base)", ""),
+    ("base_style_hit_rate", "Base model with the token judged yltcaxe", "should be ~0"),
+    ("drift_pixel_plain", "Prior drift: mean pixel change, plain prompts", "lower is better"),
+    ("drift_pixel_artstyle", "Prior drift: mean pixel change, class prompt", "lower is better"),
+    ("drift_style_tv_artstyle", "Prior drift: style-mix change (TV distance), class prompt", "lower is better"),
+    ("memorisation_rate", "Memorisation: outputs nearly copying an instance image", "lower is better"),
+    ("two_subject_success_token", "Two subjects ('a red star and a blue house') right, with token", "known weak spot"),
+    ("two_subject_success_base", "Two subjects right, base model", "known weak spot"),
+)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def metrics_table(metrics: ExperimentMetrics) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(label)}</td><td class=num>{_fmt(getattr(metrics, key))}</td>"
+        f"<td class=note>{html.escape(note)}</td></tr>"
+        for key, label, note in _ROWS
+    )
+    return f"<table><tr><th>metric</th><th>value</th><th></th></tr>{rows}</table>"
+
+
+def write_html(out: Path, metrics: ExperimentMetrics, gallery: Gallery, wall_seconds: float) -> Path:
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+
+    def save(img: Image.Image, name: str, scale: int = 2) -> str:
+        img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(images / name)
+        return f"images/{name}"
+
+    parts = [
+        "<!doctype html><meta charset=utf-8><title>style-dreambooth demo</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "td,th{padding:3px 10px;border-bottom:1px solid #ddd}td.num{text-align:right;font-family:monospace}"
+        "td.note{color:#777}img{image-rendering:pixelated}figure{display:inline-block;margin:6px}"
+        "figcaption{font-size:12px;max-width:270px}</style>",
+        "<h1>style-dreambooth demo: a proof world where the truth is known</h1>",
+        "<p>A tiny Stable Diffusion 1.x model pretrained on procedural scenes (plain, pixel, neon and watercolor "
+        "styles; never the artist style) is fine-tuned with DreamBooth on the instance images below, through the "
+        "same <code>train</code> code as a real run. Small CNN judges trained on the renderer's ground truth score "
+        "the outputs. Evaluation uses subjects and colours that are <b>not</b> in the instance images.</p>",
+        f"<p>Wall time: {wall_seconds:.0f} s. Training: {metrics.train_seconds:.0f} s, "
+        f"{metrics.config.get('max_train_steps')} steps at lr {metrics.config.get('learning_rate')}.</p>",
+        "<h2>Instance images (prompt: <code>" + html.escape(str(metrics.config.get("instance_prompt"))) + "</code>)</h2>",
+        f"<img src='{save(make_grid(gallery.instances, cols=len(gallery.instances)), 'instances.png', 3)}'>",
+        "<h2>Metrics</h2>",
+        metrics_table(metrics),
+        "<h2>Before / after (same prompt, same seeds; left: base, right: fine-tuned)</h2>",
+    ]
+    for i, (prompt, before, after) in enumerate(gallery.rows):
+        grid = make_grid(before + after, cols=len(before) + len(after))
+        parts.append(f"<figure><img src='{save(grid, f'row{i:03d}.png', 2)}'>"
+                     f"<figcaption>{html.escape(prompt)}</figcaption></figure>")
+    parts.append("<h2>Raw metrics</h2><pre>" + html.escape(metrics.to_json()) + "</pre>")
+    path = out / "index.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def run_demo(out: Path, *, steps: int | None = None) -> Path:
+    """Run the proof-world demo into ``out`` (created if needed); return the path of ``out/index.html``."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gallery = Gallery()
+    metrics = run_experiment(demo_config(steps), out / "work", Judges.load(), gallery)
+    path = write_html(out, metrics, gallery, time.perf_counter() - t0)
+    log.info("demo finished in %.0f s: %s", time.perf_counter() - t0, path)
+    return path

@@ -1,0 +1,128 @@
+"""The proof world: renderer, shipped judges and base model, and DreamBooth through `train`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from style_dreambooth.toyworld import base_model_dir
+from style_dreambooth.toyworld.render import COLOUR_NAMES, SUBJECTS, random_scene
+from style_dreambooth.toyworld.styles import STYLES, apply_style, muted
+
+
+def test_renderer_is_deterministic_and_captioned():
+    a = apply_style(random_scene(5, "yltcaxe", kind="star", colour="red"))
+    b = apply_style(random_scene(5, "yltcaxe", kind="star", colour="red"))
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    scene = random_scene(3, "pixel", kind="star", colour="red", second=("house", "blue"))
+    assert scene.caption("pixel artstyle") == "a red star and a blue house, pixel artstyle"
+    assert scene.subjects[0].cx < 32 <= scene.subjects[1].cx
+    assert len(SUBJECTS) >= 8 and len(COLOUR_NAMES) >= 6
+    # Every style renders every subject differently from the background.
+    for style in STYLES:
+        arr = np.asarray(apply_style(random_scene(11, style, kind="fish")), np.float32)
+        assert arr.std() > 10
+
+
+def test_yltcaxe_palette_keeps_colour_identity():
+    from style_dreambooth.toyworld.render import COLOURS
+
+    ref = {name: np.asarray(rgb, np.float32) for name, rgb in COLOURS.items()}
+    for name, rgb in ref.items():
+        m = muted(rgb)
+        nearest = min(ref, key=lambda other: np.abs(muted(ref[other]) - m).sum() if other != name else 1e9)
+        assert np.abs(muted(ref[nearest]) - m).sum() > 40  # muted colours stay apart
+
+
+def test_shipped_judges_are_accurate_on_heldout_renders():
+    from style_dreambooth.toyworld.judges import Judges, heldout_accuracy
+
+    torch.set_num_threads(1)
+    acc = heldout_accuracy(Judges.load(), n=600, seed0=0)  # training used seeds >= 1e8
+    assert acc["style"] >= 0.95, acc
+    assert acc["subject"] >= 0.95, acc
+    assert acc["colour"] >= 0.95, acc
+
+
+def test_shipped_base_is_a_plain_sd1_pipeline():
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from style_dreambooth.models.tokenizer import build_clip_tokenizer
+
+    folder = base_model_dir()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / part).is_dir()
+    assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 30 * 2**20
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)  # no dtype: must come out fp32
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert pipe.unet.dtype == torch.float32
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    prompt = "a red star, yltcaxe artstyle"
+    assert pipe.tokenizer(prompt).input_ids == build_clip_tokenizer()(prompt).input_ids
+    out = pipe("a red star", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert out.shape == (64, 64, 3) and np.isfinite(out).all()
+
+
+def test_ssim_and_memorisation_calibration():
+    from style_dreambooth.toyworld.experiment import calibrate_memorisation, instance_scenes, ssim_matrix
+
+    inst = [apply_style(s) for s in instance_scenes(5)]
+    sims = ssim_matrix(inst, inst)
+    assert np.allclose(np.diag(sims), 1.0, atol=1e-4)
+    threshold = calibrate_memorisation(inst, n=40)
+    assert threshold < 0.99  # a fresh drawing is never a copy, so copies stand out
+
+
+@pytest.mark.slow
+def test_dreambooth_binds_the_style_to_the_token(tmp_path, monkeypatch):
+    """Fine-tune the shipped base through the real `train` and judge held-out subjects."""
+    from style_dreambooth.toyworld.experiment import ExperimentConfig, run_experiment
+
+    monkeypatch.setenv("STYLE_DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(2)
+    cfg = ExperimentConfig(num_class_images=24, class_inference_steps=20, eval_steps=20, eval_seeds=2,
+                           drift_seeds=4, pairs=False)
+    m = run_experiment(cfg, tmp_path)
+    summary = json.dumps({k: v for k, v in vars(m).items() if k != "config"}, default=str)
+    assert m.base_style_hit_rate <= 0.1, summary  # the style is new to the base model
+    assert m.style_hit_rate >= 0.8, summary
+    assert m.leak_rate <= 0.1, summary
+    assert m.subject_acc_token >= 0.8 * m.base_subject_acc, summary
+    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+
+
+def test_demo_page_shows_grids_and_metrics(tmp_path):
+    from style_dreambooth.toyworld.demo import write_html
+    from style_dreambooth.toyworld.experiment import ExperimentMetrics, Gallery, instance_scenes
+
+    images = [apply_style(s) for s in instance_scenes(5)]
+    gallery = Gallery(rows=[("a yellow star, yltcaxe artstyle", images[:2], images[2:4])], instances=images)
+    metrics = ExperimentMetrics(
+        style_hit_rate=0.9, leak_rate=0.0, subject_acc_token=0.7, colour_acc_token=0.8, subject_acc_plain=0.8,
+        colour_acc_plain=0.9, base_subject_acc=0.8, base_colour_acc=0.9, base_style_hit_rate=0.0,
+        drift_pixel_plain=0.01, drift_pixel_artstyle=0.02, drift_style_tv_artstyle=0.1,
+        style_mix_artstyle_base={"plain": 1.0}, style_mix_artstyle_tuned={"plain": 1.0}, memorisation_rate=0.0,
+        memorisation_threshold=0.6, max_instance_ssim=0.3, two_subject_success_token=0.1,
+        two_subject_success_base=0.2, n_eval_images=10, train_seconds=1.0, total_seconds=2.0,
+        config={"max_train_steps": 1, "learning_rate": 1e-4, "instance_prompt": "yltcaxe artstyle"},
+    )
+    page = write_html(tmp_path, metrics, gallery, 3.0)
+    text = page.read_text()
+    assert page == tmp_path / "index.html"
+    assert "Style hit" in text and "0.900" in text and "a yellow star, yltcaxe artstyle" in text
+    for src in ("images/instances.png", "images/row000.png"):
+        assert src in text and (tmp_path / src).is_file()
