@@ -39,6 +39,14 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def _param_groups(cfg: TrainConfig, modules: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
+    """The UNet's trainable parameters at --learning-rate, the text encoder's at --text-encoder-lr."""
+    groups = [{"params": _trainable(modules["unet"]), "lr": cfg.learning_rate}]
+    if "text_encoder" in modules:
+        groups.append({"params": _trainable(modules["text_encoder"]), "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    return groups
+
+
 class FullTrainables:
     """Every UNet weight (and text-encoder weight with --train-text-encoder) trains."""
 
@@ -49,11 +57,7 @@ class FullTrainables:
         self.modules = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        groups = [{"params": _trainable(self.modules["unet"]), "lr": self.cfg.learning_rate}]
-        if "text_encoder" in self.modules:
-            lr = self.cfg.text_encoder_lr or self.cfg.learning_rate
-            groups.append({"params": _trainable(self.modules["text_encoder"]), "lr": lr})
-        return groups
+        return _param_groups(self.cfg, self.modules)
 
     def save_weights(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
         for name, module in modules.items():
@@ -108,11 +112,7 @@ class LoraTrainables:
         self.modules = models
 
     def param_groups(self) -> list[dict[str, Any]]:
-        groups = [{"params": _trainable(self.modules["unet"]), "lr": self.cfg.learning_rate}]
-        if "text_encoder" in self.modules:
-            lr = self.cfg.text_encoder_lr or self.cfg.learning_rate
-            groups.append({"params": _trainable(self.modules["text_encoder"]), "lr": lr})
-        return groups
+        return _param_groups(self.cfg, self.modules)
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Store the frozen base weights in the mixed-precision dtype; adapters stay fp32."""
