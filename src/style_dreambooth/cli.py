@@ -219,6 +219,17 @@ def export(run: Path, fmt: str, checkpoint: str | None, half: bool, overwrite: b
 
 
 @app.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option("--steps", type=click.IntRange(1, 100000), default=None, help="Training steps (default: the demo's).")
+def demo(out: Path, steps: int | None) -> None:
+    """Offline proof-world demo: fine-tune the bundled tiny base on a toy artist style, judge, write HTML."""
+    from .toyworld.demo import run_demo
+
+    _quiet_libraries()
+    click.echo(f"demo page: {run_demo(out, steps=steps)}")
+
+
+@app.command()
 @click.argument("word")
 @click.option("--base-model", default=None, help="Use this model's tokenizer (default: the SD 1.x CLIP tokenizer).")
 def token(word: str, base_model: str | None) -> None:

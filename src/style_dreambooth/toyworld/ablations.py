@@ -101,6 +101,8 @@ def write_docs(stored: dict[str, list[dict]], docs: Path) -> None:
         before, rest = text.split(marker_start, 1)
         after = rest.split(marker_end, 1)[1]
         md_path.write_text(before + block + after)
+    elif md_path.exists():  # keep the hand-written discussion; add the table at the end
+        md_path.write_text(md_path.read_text().rstrip() + f"\n\n## Ablation table\n\n{block}\n")
     else:
         md_path.write_text(f"# Proof world: ablations\n\n{block}\n")
     th = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)

@@ -55,12 +55,13 @@ class ExperimentConfig:
     instance_prompt: str = "yltcaxe artstyle"
     class_prompt: str = "artstyle"
     n_instances: int = 5
+    captions: bool = False  # write "a red circle, yltcaxe artstyle" captions next to the instance images
     with_prior_preservation: bool = True
     train_text_encoder: bool = True
     num_class_images: int = 50
     class_inference_steps: int = 25
-    learning_rate: float = 2e-4
-    max_train_steps: int = 300
+    learning_rate: float = 1e-4
+    max_train_steps: int = 500
     train_batch_size: int = 2
     use_8bit_adam: bool = True
     offset_noise: float = 0.1  # as in pretraining (see base_model.train_diffusion)
@@ -117,12 +118,18 @@ def instance_scenes(n: int, seed: int = 0):
     return scenes
 
 
-def write_instance_images(folder: Path, n: int = 5, seed: int = 0) -> list[Path]:
+def write_instance_images(folder: Path, n: int = 5, seed: int = 0, caption: str | None = None) -> list[Path]:
+    """The instance images; with ``caption`` (the instance prompt), also ``.txt`` captions
+    ``"a red circle, <caption>"`` which the data loader uses as the prompt."""
     folder.mkdir(parents=True, exist_ok=True)
+    for old in list(folder.glob("*.png")) + list(folder.glob("*.txt")):
+        old.unlink()
     paths = []
     for i, scene in enumerate(instance_scenes(n, seed)):
         path = folder / f"yltcaxe-{i:02d}-{scene.main.colour}-{scene.main.kind}.png"
         apply_style(scene).save(path)
+        if caption:
+            path.with_suffix(".txt").write_text(scene.caption(caption), encoding="utf-8")
         paths.append(path)
     return paths
 
@@ -233,7 +240,7 @@ def run_experiment(cfg: ExperimentConfig, work: Path, judges: Judges | None = No
     work = Path(work)
     judges = judges or Judges.load()
     instance_dir = work / "instance"
-    write_instance_images(instance_dir, cfg.n_instances, cfg.seed)
+    write_instance_images(instance_dir, cfg.n_instances, cfg.seed, cfg.instance_prompt if cfg.captions else None)
     instances = [Image.open(p).convert("RGB") for p in sorted(instance_dir.glob("*.png"))]
 
     t_train = time.perf_counter()

@@ -207,7 +207,8 @@ def _train(cfg: TrainConfig) -> Path:
 
     # Models. The base is loaded once in fp32; trained weights stay fp32 (autocast does the rest).
     base = load_pipeline(
-        cfg.base_model, revision=cfg.revision, allow_pickle=cfg.allow_pickle, single_file_config=cfg.base_config
+        cfg.base_model, revision=cfg.revision, torch_dtype=torch.float32,
+        allow_pickle=cfg.allow_pickle, single_file_config=cfg.base_config,
     )
     tokenizer, vae, noise_config = base.tokenizer, base.vae, base.scheduler.config
     identifier = find_identifier(cfg.instance_prompt, class_prompt)
