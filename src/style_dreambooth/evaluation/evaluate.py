@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..data.images import list_images, load_image
 from ..errors import UserError
-from ..models.loading import load_pipeline, model_identity
+from ..models.loading import load_run_base, model_identity
 from ..progress import progress_bar
 from ..sampling.generate import resolve_model, sample
 from ..sampling.images import make_scheduler, save_png
@@ -236,10 +236,7 @@ def evaluate_run(
                 metrics = cached["metrics"]
             else:
                 if spec == "base":
-                    pipe = load_pipeline(
-                        config["base_model"], revision=config.get("revision"), torch_dtype=dtype,
-                        allow_pickle=bool(config.get("allow_pickle")), single_file_config=config.get("base_config"),
-                    )
+                    pipe = load_run_base(config, dtype)
                 else:
                     pipe, _ = resolve_model(str(run), spec, dtype=dtype)
                 pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)

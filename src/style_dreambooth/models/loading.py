@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -347,3 +347,14 @@ def model_identity(base_model: str, revision: str | None = None) -> dict[str, An
     if commit is not None:
         identity["commit"] = commit
     return identity
+
+
+def load_run_base(config: Mapping[str, Any], torch_dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+    """The base model a run was trained from, given its config (a TrainConfig dump or config.yaml)."""
+    return load_pipeline(
+        config["base_model"],
+        revision=config.get("revision"),
+        torch_dtype=torch_dtype,
+        allow_pickle=bool(config.get("allow_pickle")),
+        single_file_config=config.get("base_config"),
+    )

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..models.backbone import assemble_pipeline
-from ..models.loading import load_pipeline
+from ..models.loading import load_pipeline, load_run_base
 from ..progress import progress_bar
 from ..training.checkpoints import resolve_checkpoint
 from ..training.trainables import LORA_FILE
@@ -52,13 +52,7 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
         folder = resolve_checkpoint(path, checkpoint)
         label = f"{path.name}/{folder.name}"
     config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    base = load_pipeline(
-        config["base_model"],
-        revision=config.get("revision"),
-        torch_dtype=dtype,
-        allow_pickle=bool(config.get("allow_pickle")),
-        single_file_config=config.get("base_config"),
-    )
+    base = load_run_base(config, dtype)
     if (folder / LORA_FILE).is_file():
         base.load_lora_weights(str(folder / LORA_FILE), adapter_name="run")
         return base, label

@@ -23,7 +23,7 @@ from ..data.dataset import ImageBank, SampleOrder, class_examples, instance_exam
 from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..errors import UserError
 from ..models.backbone import assemble_pipeline, encode_prompts, prediction_type
-from ..models.loading import load_pipeline, model_identity
+from ..models.loading import load_run_base, model_identity
 from ..models.tokenizer import analyze_identifier, find_identifier, format_identifier_report
 from ..progress import progress_bar
 from ..sampling.generate import sample
@@ -126,10 +126,7 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, accelerator: Accelera
     )
 
     def make_generator():
-        pipe = load_pipeline(
-            cfg.base_model, revision=cfg.revision, torch_dtype=weight_dtype,
-            allow_pickle=cfg.allow_pickle, single_file_config=cfg.base_config,
-        )
+        pipe = load_run_base(cfg.model_dump(), weight_dtype)
         pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
         pipe = pipe.to(accelerator.device)
         pipe.set_progress_bar_config(disable=True)
@@ -206,10 +203,7 @@ def _train(cfg: TrainConfig) -> Path:
         )
 
     # Models. The base is loaded once in fp32; trained weights stay fp32 (autocast does the rest).
-    base = load_pipeline(
-        cfg.base_model, revision=cfg.revision, torch_dtype=torch.float32,
-        allow_pickle=cfg.allow_pickle, single_file_config=cfg.base_config,
-    )
+    base = load_run_base(cfg.model_dump(), torch.float32)
     tokenizer, vae, noise_config = base.tokenizer, base.vae, base.scheduler.config
     identifier = find_identifier(cfg.instance_prompt, class_prompt)
     if identifier and main:
@@ -398,10 +392,7 @@ def _train(cfg: TrainConfig) -> Path:
             shutil.rmtree(tmp)
         if weight_dtype != torch.float32 and cfg.method == "full":
             # Frozen parts were cast to half precision for training; save them from an fp32 load.
-            base = load_pipeline(
-                cfg.base_model, revision=cfg.revision, allow_pickle=cfg.allow_pickle,
-                single_file_config=cfg.base_config,
-            )
+            base = load_run_base(cfg.model_dump(), torch.float32)
         trainables.save_final(tmp, base, {k: accelerator.unwrap_model(m) for k, m in trained.items()})
         if run.model.exists():
             shutil.rmtree(run.model)
