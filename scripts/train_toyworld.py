@@ -57,7 +57,8 @@ def stage_base(args) -> None:
     t0 = time.time()
     pipe = train_diffusion(vae, latents, captions, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                            on_checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
-                           offset_noise=args.offset_noise, init=args.init, warmup=args.warmup)
+                           offset_noise=args.offset_noise, init=args.init, warmup=args.warmup,
+                           snr_gamma=args.snr_gamma)
     save_base(pipe, args.work / args.name)
 
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--offset-noise", type=float, default=0.1)
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="base: min-SNR-gamma loss weighting (0: off)")
     p.add_argument("--init", type=Path, default=None, help="base: continue from this pipeline folder")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=500)

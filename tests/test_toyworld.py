@@ -87,6 +87,28 @@ def test_ssim_and_memorisation_calibration():
     assert threshold < 0.99  # a fresh drawing is never a copy, so copies stand out
 
 
+def test_steps_curve_reads_each_point_from_one_run(tmp_path, monkeypatch):
+    """The steps ablation trains once and measures every step count from that run's checkpoints."""
+    from style_dreambooth.toyworld.experiment import ExperimentConfig, run_curve
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("STYLE_DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    cfg = ExperimentConfig(n_instances=2, num_class_images=2, class_inference_steps=2, eval_steps=2, eval_seeds=1,
+                           drift_seeds=1, heldout_subjects=("star",), heldout_colours=("yellow",), pairs=False,
+                           learning_rate=1e-3, use_8bit_adam=False)
+    curve = run_curve(cfg, tmp_path, [4, 2])
+    assert sorted(curve) == [2, 4]
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-000002").is_dir() and (run / "model" / "model_index.json").is_file()
+    assert [curve[k].config["max_train_steps"] for k in (2, 4)] == [2, 4]
+    assert curve[2].train_seconds < curve[4].train_seconds
+    # Two different models were measured (the checkpoint, then the final one), against one base.
+    assert curve[2].drift_pixel_plain != curve[4].drift_pixel_plain
+    assert curve[2].base_subject_acc == curve[4].base_subject_acc
+    saved = json.loads((tmp_path / "curve.json").read_text())
+    assert sorted(saved) == ["2", "4"]
+
+
 # Thresholds of the slow test, set from measured runs of its exact configuration (see
 # docs/proof-world.md). The shipped base is under-trained (subject accuracy 0.29 on plain prompts,
 # near chance on held-out cells), so the issue's targets (style hit >= 0.8, leak <= 0.1, subject

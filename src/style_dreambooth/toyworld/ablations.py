@@ -13,17 +13,24 @@ from pathlib import Path
 
 import torch
 
-from .experiment import ExperimentConfig, ExperimentMetrics, run_experiment
+from .experiment import ExperimentConfig, ExperimentMetrics, run_curve, run_experiment
 
 log = logging.getLogger(__name__)
 
 
-def variants(base: ExperimentConfig) -> dict[str, ExperimentConfig]:
-    """Named variants mirroring the reference experiments (steps, lr, prior, text encoder, class prompt, N)."""
+def step_points(base: ExperimentConfig) -> list[int]:
+    """The steps ablation: 1/4x to 4x the default, read off the checkpoints of one long run."""
     s = base.max_train_steps
-    out = {"default": base}
-    for k in (s // 4, s // 2, 2 * s, 4 * s):
-        out[f"steps={k}"] = replace(base, max_train_steps=k)
+    return [s // 4, s // 2, s, 2 * s, 4 * s]
+
+
+def variants(base: ExperimentConfig) -> dict[str, ExperimentConfig]:
+    """Named variants mirroring the reference experiments (lr, prior, text encoder, class prompt, N).
+
+    The default and the steps variants are not here: they come from one long run (see
+    :func:`step_points`), whose checkpoint at the default step count is the "default" row.
+    """
+    out: dict[str, ExperimentConfig] = {}
     for lr in (base.learning_rate / 4, base.learning_rate * 4):
         out[f"lr={lr:g}"] = replace(base, learning_rate=lr)
     out["no prior preservation"] = replace(base, with_prior_preservation=False)
@@ -64,6 +71,15 @@ def run_ablations(work: Path, docs: Path, seeds: int = 1, only: list[str] | None
     results_file = work / "results.json"
     work.mkdir(parents=True, exist_ok=True)
     stored: dict[str, list[dict]] = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for seed in range(seeds):
+        points = step_points(base)
+        names = ["default" if k == base.max_train_steps else f"steps={k}" for k in points]
+        if (not only or any(n in only for n in names)) and any(len(stored.get(n, [])) <= seed for n in names):
+            curve = run_curve(replace(base, seed=seed), work / f"steps-seed{seed}", points)
+            for k, name in zip(points, names):
+                if len(stored.get(name, [])) <= seed:
+                    stored.setdefault(name, []).append(asdict(curve[k]))
+            results_file.write_text(json.dumps(stored, indent=1))
     for name, cfg in variants(base).items():
         if only and name not in only:
             continue

@@ -28,7 +28,11 @@ def load_pipe(model: str | Path):
     """A toy-world pipeline in fp32 on the CPU with the DPM++ 2M sampler."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch.float32)
+    return for_sampling(StableDiffusionPipeline.from_pretrained(str(model), dtype=torch.float32))
+
+
+def for_sampling(pipe):
+    """``pipe`` on the CPU with the DPM++ 2M sampler and no progress bar."""
     pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")

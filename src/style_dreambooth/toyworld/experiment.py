@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from PIL import Image
 from ..config import TrainConfig
 from ..training.loop import train
 from . import base_model_dir
-from .evaluate import GUIDANCE, Job, generate_jobs, grid_jobs, load_pipe, pair_jobs, score_pairs, score_single
+from .evaluate import GUIDANCE, Job, for_sampling, generate_jobs, grid_jobs, load_pipe, pair_jobs, score_pairs, score_single
 from .judges import Judges
 from .render import random_scene
 from .styles import ARTIST_STYLE, apply_style
@@ -229,6 +229,96 @@ class Gallery:
     instances: list[Image.Image] = field(default_factory=list)
 
 
+class _Probe:
+    """Everything a measurement needs that does not depend on the fine-tuned model: the prompt
+    jobs, the base model's images and scores at the same seeds, the memorisation threshold."""
+
+    def __init__(self, cfg: ExperimentConfig, judges: Judges, instances: list[Image.Image]) -> None:
+        self.cfg, self.judges, self.instances = cfg, judges, instances
+        seeds = list(range(1000, 1000 + cfg.eval_seeds))
+        self.jobs = {"plain": grid_jobs(cfg.heldout_subjects, cfg.heldout_colours, seeds)}
+        plain = self.jobs["plain"]
+        self.jobs["token"] = [Job(f"{j.prompt}, {cfg.instance_prompt}", j.seeds, j.subjects, ARTIST_STYLE) for j in plain]
+        self.jobs["class"] = [Job(f"{j.prompt}, {cfg.class_prompt}", j.seeds, j.subjects) for j in plain]
+        self.jobs["drift"] = [Job(cfg.class_prompt, tuple(range(2000, 2000 + cfg.drift_seeds)), (("", ""),))]
+        self.jobs["bare"] = [Job(cfg.instance_prompt, tuple(range(3000, 3000 + cfg.drift_seeds)), (("", ""),))]
+        if cfg.pairs:
+            pj = pair_jobs(seeds, style=None)
+            self.jobs["pairs_plain"] = pj
+            self.jobs["pairs"] = [Job(f"{j.prompt}, {cfg.instance_prompt}", j.seeds, j.subjects, ARTIST_STYLE) for j in pj]
+        base = load_pipe(cfg.base_model)
+        self.base_img = {name: generate_jobs(base, self.jobs[name], cfg.eval_steps, label=f"base: {name}")
+                         for name in ("token", "plain", "drift")}
+        self.base_plain = score_single(judges, self.jobs["plain"], self.base_img["plain"])
+        self.base_token = score_single(judges, self.jobs["token"], self.base_img["token"])
+        self.base_mix = _style_mix(judges, _flat(self.base_img["drift"]))
+        self.two_base = None
+        if cfg.pairs:
+            pj = self.jobs["pairs_plain"]
+            self.two_base = score_pairs(judges, pj, generate_jobs(base, pj, cfg.eval_steps, label="base: pairs"))
+        self.threshold = calibrate_memorisation(instances, cfg.seed)
+
+    def measure(self, tuned, train_seconds: float, t0: float, gallery: Gallery | None = None,
+                label: str = "fine-tuned") -> ExperimentMetrics:
+        cfg, judges, jobs = self.cfg, self.judges, self.jobs
+        t_img = {name: generate_jobs(tuned, jobs[name], cfg.eval_steps, label=f"{label}: {name}")
+                 for name in ("token", "plain", "class", "drift", "bare")}
+        tok = score_single(judges, jobs["token"], t_img["token"])
+        pla = score_single(judges, jobs["plain"], t_img["plain"])
+        cla = score_single(judges, jobs["class"], t_img["class"])
+        leak_n = pla.n + cla.n
+        leak = (pla.style_counts.get(ARTIST_STYLE, 0) + cla.style_counts.get(ARTIST_STYLE, 0)) / max(1, leak_n)
+        mix_tuned = _style_mix(judges, _flat(t_img["drift"]))
+        outputs = _flat(t_img["token"]) + _flat(t_img["bare"])
+        sims = ssim_matrix(outputs, self.instances).max(axis=1)
+        two_tok = None
+        if cfg.pairs:
+            two_tok = score_pairs(judges, jobs["pairs"], generate_jobs(tuned, jobs["pairs"], cfg.eval_steps,
+                                                                       label=f"{label}: pairs"))
+        if gallery is not None:
+            gallery.instances = self.instances
+            b = self.base_img
+            gallery.rows += [(j.prompt, x, y) for j, x, y in zip(jobs["token"], b["token"], t_img["token"])]
+            gallery.rows += [(j.prompt, x, y) for j, x, y in zip(jobs["plain"], b["plain"], t_img["plain"])]
+            gallery.rows += [(cfg.class_prompt, b["drift"][0], t_img["drift"][0])]
+        n_images = sum(len(_flat(v)) for v in t_img.values()) + sum(len(_flat(v)) for v in self.base_img.values())
+        return ExperimentMetrics(
+            style_hit_rate=tok.style_rate(ARTIST_STYLE),
+            leak_rate=leak,
+            subject_acc_token=tok.subject_acc,
+            colour_acc_token=tok.colour_acc,
+            subject_acc_plain=pla.subject_acc,
+            colour_acc_plain=pla.colour_acc,
+            base_subject_acc=self.base_plain.subject_acc,
+            base_colour_acc=self.base_plain.colour_acc,
+            base_style_hit_rate=self.base_token.style_rate(ARTIST_STYLE),
+            drift_pixel_plain=_pixel_distance(_flat(t_img["plain"]), _flat(self.base_img["plain"])),
+            drift_pixel_artstyle=_pixel_distance(_flat(t_img["drift"]), _flat(self.base_img["drift"])),
+            drift_style_tv_artstyle=_tv(self.base_mix, mix_tuned),
+            style_mix_artstyle_base=self.base_mix,
+            style_mix_artstyle_tuned=mix_tuned,
+            memorisation_rate=float((sims > self.threshold).mean()) if len(sims) else 0.0,
+            memorisation_threshold=self.threshold,
+            max_instance_ssim=float(sims.max()) if len(sims) else 0.0,
+            two_subject_success_token=two_tok,
+            two_subject_success_base=self.two_base,
+            n_eval_images=n_images,
+            train_seconds=train_seconds,
+            total_seconds=time.perf_counter() - t0,
+            config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        )
+
+
+def _flat(groups: list[list[Image.Image]]) -> list[Image.Image]:
+    return [im for ims in groups for im in ims]
+
+
+def _prepare(cfg: ExperimentConfig, work: Path) -> tuple[Path, list[Image.Image]]:
+    instance_dir = work / "instance"
+    write_instance_images(instance_dir, cfg.n_instances, cfg.seed, cfg.instance_prompt if cfg.captions else None)
+    return instance_dir, [Image.open(p).convert("RGB") for p in sorted(instance_dir.glob("*.png"))]
+
+
 def run_experiment(cfg: ExperimentConfig, work: Path, judges: Judges | None = None,
                    gallery: Gallery | None = None) -> ExperimentMetrics:
     """Fine-tune the base on yltcaxe instance images through ``train`` and measure what it learned.
@@ -239,83 +329,44 @@ def run_experiment(cfg: ExperimentConfig, work: Path, judges: Judges | None = No
     t0 = time.perf_counter()
     work = Path(work)
     judges = judges or Judges.load()
-    instance_dir = work / "instance"
-    write_instance_images(instance_dir, cfg.n_instances, cfg.seed, cfg.instance_prompt if cfg.captions else None)
-    instances = [Image.open(p).convert("RGB") for p in sorted(instance_dir.glob("*.png"))]
-
+    instance_dir, instances = _prepare(cfg, work)
     t_train = time.perf_counter()
     model_dir = train(train_config(cfg, work, instance_dir))
     train_seconds = time.perf_counter() - t_train
-
-    base, tuned = load_pipe(cfg.base_model), load_pipe(model_dir)
-    seeds = list(range(1000, 1000 + cfg.eval_seeds))
-    plain_jobs = grid_jobs(cfg.heldout_subjects, cfg.heldout_colours, seeds)
-    token_jobs = [Job(f"{j.prompt}, {cfg.instance_prompt}", j.seeds, j.subjects, ARTIST_STYLE) for j in plain_jobs]
-    class_jobs = [Job(f"{j.prompt}, {cfg.class_prompt}", j.seeds, j.subjects) for j in plain_jobs]
-    drift_job = [Job(cfg.class_prompt, tuple(range(2000, 2000 + cfg.drift_seeds)), (("", ""),))]
-    bare_job = [Job(cfg.instance_prompt, tuple(range(3000, 3000 + cfg.drift_seeds)), (("", ""),))]
-
-    steps = cfg.eval_steps
-    t_img = {name: generate_jobs(tuned, jobs, steps, label=f"fine-tuned: {name}")
-             for name, jobs in (("token", token_jobs), ("plain", plain_jobs), ("class", class_jobs),
-                                ("drift", drift_job), ("bare", bare_job))}
-    b_img = {name: generate_jobs(base, jobs, steps, label=f"base: {name}")
-             for name, jobs in (("token", token_jobs), ("plain", plain_jobs), ("drift", drift_job))}
-
-    tok = score_single(judges, token_jobs, t_img["token"])
-    pla = score_single(judges, plain_jobs, t_img["plain"])
-    cla = score_single(judges, class_jobs, t_img["class"])
-    base_pla = score_single(judges, plain_jobs, b_img["plain"])
-    base_tok = score_single(judges, token_jobs, b_img["token"])
-    leak_n = pla.n + cla.n
-    leak = (pla.style_counts.get(ARTIST_STYLE, 0) + cla.style_counts.get(ARTIST_STYLE, 0)) / max(1, leak_n)
-
-    flat = lambda groups: [im for ims in groups for im in ims]  # noqa: E731
-    mix_base = _style_mix(judges, flat(b_img["drift"]))
-    mix_tuned = _style_mix(judges, flat(t_img["drift"]))
-
-    threshold = calibrate_memorisation(instances, cfg.seed)
-    outputs = flat(t_img["token"]) + flat(t_img["bare"])
-    sims = ssim_matrix(outputs, instances).max(axis=1)
-
-    two_tok = two_base = None
-    if cfg.pairs:
-        pj = pair_jobs(seeds, style=None)
-        pj_tok = [Job(f"{j.prompt}, {cfg.instance_prompt}", j.seeds, j.subjects, ARTIST_STYLE) for j in pj]
-        two_tok = score_pairs(judges, pj_tok, generate_jobs(tuned, pj_tok, steps, label="fine-tuned: pairs"))
-        two_base = score_pairs(judges, pj, generate_jobs(base, pj, steps, label="base: pairs"))
-
-    if gallery is not None:
-        gallery.instances = instances
-        gallery.rows += [(j.prompt, b, t) for j, b, t in zip(token_jobs, b_img["token"], t_img["token"])]
-        gallery.rows += [(j.prompt, b, t) for j, b, t in zip(plain_jobs, b_img["plain"], t_img["plain"])]
-        gallery.rows += [(cfg.class_prompt, b_img["drift"][0], t_img["drift"][0])]
-
-    n_images = sum(len(flat(v)) for v in t_img.values()) + sum(len(flat(v)) for v in b_img.values())
-    metrics = ExperimentMetrics(
-        style_hit_rate=tok.style_rate(ARTIST_STYLE),
-        leak_rate=leak,
-        subject_acc_token=tok.subject_acc,
-        colour_acc_token=tok.colour_acc,
-        subject_acc_plain=pla.subject_acc,
-        colour_acc_plain=pla.colour_acc,
-        base_subject_acc=base_pla.subject_acc,
-        base_colour_acc=base_pla.colour_acc,
-        base_style_hit_rate=base_tok.style_rate(ARTIST_STYLE),
-        drift_pixel_plain=_pixel_distance(flat(t_img["plain"]), flat(b_img["plain"])),
-        drift_pixel_artstyle=_pixel_distance(flat(t_img["drift"]), flat(b_img["drift"])),
-        drift_style_tv_artstyle=_tv(mix_base, mix_tuned),
-        style_mix_artstyle_base=mix_base,
-        style_mix_artstyle_tuned=mix_tuned,
-        memorisation_rate=float((sims > threshold).mean()) if len(sims) else 0.0,
-        memorisation_threshold=threshold,
-        max_instance_ssim=float(sims.max()) if len(sims) else 0.0,
-        two_subject_success_token=two_tok,
-        two_subject_success_base=two_base,
-        n_eval_images=n_images,
-        train_seconds=train_seconds,
-        total_seconds=time.perf_counter() - t0,
-        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-    )
+    metrics = _Probe(cfg, judges, instances).measure(load_pipe(model_dir), train_seconds, t0, gallery)
     (work / "metrics.json").write_text(metrics.to_json(), encoding="utf-8")
     return metrics
+
+
+def run_curve(cfg: ExperimentConfig, work: Path, steps: list[int], judges: Judges | None = None
+              ) -> dict[int, ExperimentMetrics]:
+    """One run of ``max(steps)`` steps, measured at each of ``steps`` from its checkpoints.
+
+    With the constant learning rate of the reference recipe, the checkpoint at step k of a long
+    run is the model a k-step run would have produced, so one run gives the whole steps ablation.
+    ``train_seconds`` of a point is the training time up to that step (pro rata).
+    Writes ``work/curve.json``.
+    """
+    from ..sampling.generate import resolve_model
+
+    t0 = time.perf_counter()
+    work = Path(work)
+    judges = judges or Judges.load()
+    steps = sorted(set(steps))
+    every = int(np.gcd.reduce(steps))
+    instance_dir, instances = _prepare(replace(cfg, max_train_steps=steps[-1]), work)
+    tcfg = train_config(replace(cfg, max_train_steps=steps[-1]), work, instance_dir)
+    tcfg = tcfg.model_copy(update={"checkpointing_steps": every})
+    t_train = time.perf_counter()
+    run = train(tcfg).parent
+    train_seconds = time.perf_counter() - t_train
+    probe = _Probe(cfg, judges, instances)
+    out: dict[int, ExperimentMetrics] = {}
+    for k in steps:
+        pipe = load_pipe(run / "model") if k == steps[-1] else for_sampling(resolve_model(str(run), f"step-{k}")[0])
+        m = probe.measure(pipe, train_seconds * k / steps[-1], t0, label=f"step {k}")
+        m.config["max_train_steps"] = k
+        out[k] = m
+    (work / "curve.json").write_text(json.dumps({k: asdict(v) for k, v in out.items()}, indent=1), encoding="utf-8")
+    return out
+
