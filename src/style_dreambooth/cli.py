@@ -148,10 +148,13 @@ def _eval_options(func):
                         help="CLIP weights for CLIP-T/CLIP-I (hub id or folder); 'none' to skip.")(func)
     func = click.option("--dino", default="facebook/dinov2-small", show_default=True,
                         help="DINO weights (hub id or folder); 'none' to skip.")(func)
+    func = click.option("--judges", default="none", show_default=True,
+                        help="Ground-truth judges to add: 'toyworld' (proof-world runs) or 'none'.")(func)
     return func
 
 
-def _eval_kwargs(prompt_file, seeds: str, steps: int, clip: str, dino: str) -> dict[str, Any]:
+def _eval_kwargs(prompt_file, seeds: str, steps: int, clip: str, dino: str, judges: str) -> dict[str, Any]:
+    from .evaluation.evaluate import judge_scorers
     from .evaluation.learned import LearnedMetrics
 
     try:
@@ -160,25 +163,31 @@ def _eval_kwargs(prompt_file, seeds: str, steps: int, clip: str, dino: str) -> d
         raise UserError(f"--seeds '{seeds}' must be comma-separated integers") from None
     if not seed_list:
         raise UserError("--seeds needs at least one seed")
+    scorers = judge_scorers(judges)
     learned = LearnedMetrics.load(clip=None if clip == "none" else clip, dino=None if dino == "none" else dino)
-    return {"prompt_file": prompt_file, "seeds": seed_list, "steps": steps, "learned": learned}
+    return {"prompt_file": prompt_file, "seeds": seed_list, "steps": steps, "learned": learned, "scorers": scorers}
 
 
 @app.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @_eval_options
-def evaluate(run: Path, prompt_file, seeds: str, steps: int, clip: str, dino: str) -> None:
+def evaluate(run: Path, prompt_file, seeds: str, steps: int, clip: str, dino: str, judges: str) -> None:
     """Score every checkpoint of RUN, pick the best, warn of overfitting; writes RUN/report.html."""
+    from .evaluation.agreement import format_rho
     from .evaluation.evaluate import evaluate_run
     from .reports.html import write_report
 
     _quiet_libraries()
-    result = evaluate_run(run, **_eval_kwargs(prompt_file, seeds, steps, clip, dino))
+    result = evaluate_run(run, **_eval_kwargs(prompt_file, seeds, steps, clip, dino, judges))
     report = write_report([result], run, f"Evaluation: {run.name}")
     if result.choice:
         click.echo(f"best checkpoint: {result.choice.name} (step {result.choice.step}): {result.choice.reason}")
     if result.alarm and result.alarm.fired:
         click.echo(f"overfitting alarm at step {result.alarm.step}: {'; '.join(result.alarm.reasons)}")
+    if result.agreement:
+        a = result.agreement
+        click.echo(f"judges: rank correlation {format_rho(a.spearman)} over {a.n} models; "
+                   f"rule picked {a.rule_pick}, judges rank {a.judges_best} best")
     click.echo(f"report: {report}")
 
 
@@ -188,13 +197,13 @@ def evaluate(run: Path, prompt_file, seeds: str, steps: int, clip: str, dino: st
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Sweep folder (runs/ and report.html).")
 @_eval_options
 def sweep(config_file: Path, grid: tuple[str, ...], out: Path, prompt_file, seeds: str, steps: int, clip: str,
-          dino: str) -> None:
+          dino: str, judges: str) -> None:
     """Train and evaluate a grid of runs (resumable) into one report.html."""
     from .sweep import parse_grid, run_sweep
 
     _quiet_libraries()
     report = run_sweep(config_file, parse_grid(list(grid)), out,
-                       eval_kwargs=_eval_kwargs(prompt_file, seeds, steps, clip, dino))
+                       eval_kwargs=_eval_kwargs(prompt_file, seeds, steps, clip, dino, judges))
     click.echo(f"report: {report}")
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import yaml
 
 from .config import build_config, normalize_keys, read_yaml
 from .errors import UserError
+from .evaluation.agreement import pooled_rank_correlation
 from .evaluation.evaluate import RunEvaluation, evaluate_run
 from .reports.html import write_report
 from .training.checkpoints import list_checkpoints
@@ -46,6 +49,12 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
+def grid_combos(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in the order the sweep runs them."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
 def run_name(combo: dict[str, Any]) -> str:
     raw = "__".join(f"{k}={v}" for k, v in combo.items()) or "base"
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", raw)
@@ -70,6 +79,20 @@ def _check_same_run(run: RunFolder, cfg) -> None:
             )
 
 
+def write_judge_agreement(evals: list[RunEvaluation], out: Path) -> Path | None:
+    """OUT/judge_agreement.json: each run's agreement with the judges and the pooled rank correlation."""
+    if not any(ev.agreement is not None for ev in evals):
+        return None
+    rho, n = pooled_rank_correlation([ev.points for ev in evals])
+    data = {
+        "pooled": {"spearman": None if math.isnan(rho) else rho, "n": n},
+        "runs": {ev.run.name: ev.agreement.to_dict() if ev.agreement else None for ev in evals},
+    }
+    path = out / "judge_agreement.json"
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    return path
+
+
 def run_sweep(
     config_file: Path,
     grid: dict[str, list[Any]],
@@ -81,8 +104,7 @@ def run_sweep(
     base = read_yaml(config_file)
     if "output_dir" in grid:
         raise UserError("--grid cannot vary output_dir; the sweep names each run's folder")
-    keys = list(grid)
-    combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    combos = grid_combos(grid)
     # Validate every combination before any training starts.
     configs = [build_config(base, {**combo, "output_dir": out / "runs" / run_name(combo)}) for combo in combos]
     out.mkdir(parents=True, exist_ok=True)
@@ -102,4 +124,5 @@ def run_sweep(
                 log.info("sweep %d/%d: training %s", i, len(configs), cfg.output_dir.name)
             train(cfg)
         evals.append(evaluate_run(cfg.output_dir, **(eval_kwargs or {})))
+    write_judge_agreement(evals, out)
     return write_report(evals, out, f"Sweep report: {config_file.name}")

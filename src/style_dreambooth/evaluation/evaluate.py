@@ -30,6 +30,7 @@ from ..progress import progress_bar
 from ..sampling.generate import resolve_model, sample
 from ..sampling.images import make_scheduler, save_png
 from ..training.checkpoints import list_checkpoints
+from .agreement import JudgeAgreement, format_rho, judge_agreement
 from .selection import Alarm, Choice, Point, choose_checkpoint, overfitting_alarm
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,24 @@ DEFAULT_SUBJECTS = (
 )
 KINDS = ("token", "plain", "class")
 
-# An extra scorer (e.g. the proof world's judges): (images, prompts, kind) -> metrics.
+# An extra scorer (e.g. the proof world's judges): (images, prompts, kind) -> metrics. An optional
+# `name` attribute identifies it in the score cache (scores are recomputed when the set changes).
 Scorer = Callable[[list[Image.Image], list[str], str], dict[str, float]]
+
+
+def judge_scorers(name: str | None) -> list[Scorer]:
+    """The extra scorers for `--judges NAME`: 'toyworld' (the proof world's judges) or 'none'."""
+    if name is None or name.strip().lower() in ("", "none"):
+        return []
+    if name.strip().lower() == "toyworld":
+        from ..toyworld.scoring import JudgeScorer
+
+        return [JudgeScorer()]
+    raise UserError(f"unknown judges '{name}'; use --judges toyworld (the proof world's judges) or --judges none")
+
+
+def scorer_name(scorer: Scorer) -> str:
+    return str(getattr(scorer, "name", None) or getattr(scorer, "__name__", None) or type(scorer).__name__)
 
 
 @dataclass
@@ -108,6 +125,24 @@ class RunEvaluation:
     alarm: Alarm | None
     skipped: dict[str, str]
     settings: EvalSettings
+    agreement: JudgeAgreement | None = None  # weight-free style vs judges, where judges scored
+
+    @classmethod
+    def from_summary(cls, run: Path) -> "RunEvaluation":
+        """Rebuild an evaluation from RUN/eval/metrics.json (e.g. to re-write a report)."""
+        data = read_summary(run)
+        s = dict(data["settings"])
+        s["prompts"] = PromptSet(**s["prompts"])
+        agreement = data.get("judge_agreement")
+        return cls(
+            run=run,
+            points=[Point(**p) for p in data["points"]],
+            choice=Choice(**data["choice"]) if data.get("choice") else None,
+            alarm=Alarm(**data["alarm"]) if data.get("alarm") else None,
+            skipped=dict(data.get("skipped") or {}),
+            settings=EvalSettings(**s),
+            agreement=JudgeAgreement.from_dict(agreement) if agreement else None,
+        )
 
     def image_path(self, point_name: str, kind: str, prompt_index: int, seed: int) -> Path:
         return self.run / "eval" / point_name / f"{kind}-{prompt_index:02d}-{seed:04d}.png"
@@ -141,6 +176,7 @@ class Scorers:
         self.reference = StyleReference.from_images(instances)
         self.learned = learned
         self.extra = extra
+        self.extra_names = [scorer_name(s) for s in extra]
         self.skipped: dict[str, str] = {}
 
     def score(self, images: dict[str, list[Image.Image]], prompts: dict[str, list[str]], n_seeds: int,
@@ -226,6 +262,7 @@ def evaluate_run(
             weights = config["base_model"] if spec == "base" else str(run / "model" if spec is None else run / "checkpoints" / spec)
             identity = hashlib.sha256(json.dumps(model_identity(weights), sort_keys=True, default=str).encode()).hexdigest()
             cached = json.loads(scores_file.read_text()) if scores_file.is_file() else None
+            metrics = None
             if (
                 cached
                 and cached.get("settings") == settings.key()
@@ -233,7 +270,8 @@ def evaluate_run(
                 and cached.get("model") == identity
             ):
                 images = _load_images(folder, prompts, settings.seeds)
-                metrics = cached["metrics"]
+                if cached.get("scorers", []) == scorer.extra_names:
+                    metrics = cached["metrics"]
             else:
                 if spec == "base":
                     pipe = load_run_base(config, dtype)
@@ -253,15 +291,15 @@ def evaluate_run(
                             save_png(image, folder / f"{kind}-{i:02d}-{seed:04d}.png")
                         images[kind] += outs
                 del pipe
-                if step == 0:
-                    base_class = images["class"]
-                metrics = scorer.score(images, prompts.by_kind(), len(settings.seeds), base_class)
-                tmp = scores_file.with_name(".scores.json.tmp")
-                record = {"settings": settings.key(), "model": identity, "n_images": n_images, "metrics": metrics}
-                tmp.write_text(json.dumps(record, indent=1))
-                os.replace(tmp, scores_file)
             if step == 0:
                 base_class = images["class"]  # the reference for prior drift
+            if metrics is None:  # new images, or stored images scored with another set of extra scorers
+                metrics = scorer.score(images, prompts.by_kind(), len(settings.seeds), base_class)
+                tmp = scores_file.with_name(".scores.json.tmp")
+                record = {"settings": settings.key(), "model": identity, "n_images": n_images,
+                          "scorers": scorer.extra_names, "metrics": metrics}
+                tmp.write_text(json.dumps(record, indent=1))
+                os.replace(tmp, scores_file)
             points.append(Point(step, name, metrics))
             if bar:
                 bar.advance(0)
@@ -272,9 +310,13 @@ def evaluate_run(
         log.info("best checkpoint: %s (step %d): %s", choice.name, choice.step, choice.reason)
         if alarm.fired:
             log.warning("overfitting alarm at step %d: %s", alarm.step, "; ".join(alarm.reasons))
+    agreement = judge_agreement(points, choice)
+    if agreement is not None:
+        log.info("judges vs weight-free style: Spearman %s over %d models; rule picked %s, judges' best %s",
+                 format_rho(agreement.spearman), agreement.n, agreement.rule_pick, agreement.judges_best)
     for key, reason in scorer.skipped.items():
         log.info("metric %s skipped: %s", key, reason)
-    result = RunEvaluation(run, points, choice, alarm, dict(scorer.skipped), settings)
+    result = RunEvaluation(run, points, choice, alarm, dict(scorer.skipped), settings, agreement)
     write_summary(result)
     return result
 
@@ -297,6 +339,7 @@ def write_summary(result: RunEvaluation) -> Path:
         "choice": asdict(result.choice) if result.choice else None,
         "alarm": asdict(result.alarm) if result.alarm else None,
         "skipped": result.skipped,
+        "judge_agreement": result.agreement.to_dict() if result.agreement else None,
     }
     tmp = path.with_name(".metrics.json.tmp")
     tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")

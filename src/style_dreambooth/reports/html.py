@@ -10,6 +10,7 @@ import html
 import os
 from pathlib import Path
 
+from ..evaluation.agreement import format_rho, pooled_rank_correlation
 from ..evaluation.evaluate import RunEvaluation
 
 PLOTTED = (
@@ -20,6 +21,9 @@ PLOTTED = (
     ("copy_rate", "copy rate (memorisation)"),
     ("prior_drift", "prior drift on the class prompt vs base"),
     ("prompt_fidelity", "prompt fidelity"),
+    ("judge_style_hit", "judges: style-hit rate with the token (higher = more of the artist's style)"),
+    ("judge_leak_plain", "judges: style leak into plain prompts"),
+    ("judge_leak_class", "judges: style leak into class prompts"),
 )
 TABLE_KEYS = (
     "style_distance", "palette", "texture", "edges", "style_distance_no_token", "diversity",
@@ -33,6 +37,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}
 tr.chosen td{background:#e6f4e6;font-weight:bold}tr.alarm td{background:#fde8e8}
+tr.judges-best td:first-child{outline:2px solid #68c}
 .grid img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #ccc}
 .grid td{padding:2px;vertical-align:middle}.note{color:#555;font-size:.9em}
 .alarm-box{background:#fde8e8;border:1px solid #e99;padding:8px;margin:8px 0}
@@ -99,6 +104,22 @@ def _image_grid(ev: RunEvaluation, out_dir: Path, rows: list, first_seed: int) -
     return f'<table class="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>'
 
 
+def _agreement_line(ev: RunEvaluation) -> str:
+    """One line under a run's table: rank correlation with the judges, and rule pick vs judges' best."""
+    a = ev.agreement
+    if a is None:
+        return ""
+    pick = f"{html.escape(a.rule_pick)} (step {a.rule_pick_step})" if a.rule_pick else "-"
+    best = f"{html.escape(a.judges_best)} (step {a.judges_best_step})" if a.judges_best else "-"
+    hits = ""
+    if a.judges_best_style_hit is not None:
+        hits = f", judged style-hit {_fmt(a.rule_pick_style_hit)} vs {_fmt(a.judges_best_style_hit)}"
+    verdict = "they agree" if a.agree else "they differ"
+    return (f"<p class='note judge-agreement'>Judges vs weight-free style: Spearman rank correlation of "
+            f"&minus;style_distance with judge_style_hit over {a.n} models: <b>{format_rho(a.spearman)}</b>. "
+            f"Rule picked {pick}; judges rank {best} best{hits} ({verdict}).</p>")
+
+
 def _metric_table(ev: RunEvaluation) -> str:
     keys = [k for k in TABLE_KEYS if any(k in p.metrics for p in ev.points)]
     extra = sorted({k for p in ev.points for k in p.metrics} - set(TABLE_KEYS) - {"prompt_fidelity"})
@@ -107,10 +128,15 @@ def _metric_table(ev: RunEvaluation) -> str:
     rows = []
     for p in sorted(ev.points, key=lambda p: p.step):
         cls = ""
+        classes = []
         if ev.choice is not None and p.step == ev.choice.step:
-            cls = ' class="chosen"'
+            classes.append("chosen")
         elif ev.alarm is not None and ev.alarm.fired and p.step == ev.alarm.step:
-            cls = ' class="alarm"'
+            classes.append("alarm")
+        if ev.agreement is not None and p.step == ev.agreement.judges_best_step:
+            classes.append("judges-best")
+        if classes:
+            cls = f' class="{" ".join(classes)}"'
         cells = "".join(f"<td>{_fmt(p.metrics.get(k))}</td>" for k in keys)
         rows.append(f"<tr{cls}><td>{html.escape(p.name)} ({p.step})</td>{cells}</tr>")
     return f"<table><tr><th>model (step)</th>{head}</tr>{''.join(rows)}</table>"
@@ -124,14 +150,28 @@ def write_report(evals: list[RunEvaluation], out_dir: Path, title: str) -> Path:
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     first_seed = evals[0].settings.seeds[0] if evals else 0
 
-    # Summary: one row per run with its chosen checkpoint and alarm.
-    parts.append("<h2>Runs</h2><table><tr><th>run</th><th>chosen checkpoint</th><th>why</th><th>overfitting alarm</th></tr>")
+    # Summary: one row per run with its chosen checkpoint and alarm (and the judges' view, if any).
+    judged = any(ev.agreement is not None for ev in evals)
+    judge_head = "<th>judges' best</th><th>rank corr. with judges</th>" if judged else ""
+    parts.append("<h2>Runs</h2><table><tr><th>run</th><th>chosen checkpoint</th><th>why</th>"
+                 f"<th>overfitting alarm</th>{judge_head}</tr>")
     for ev in evals:
         choice = f"{ev.choice.name} (step {ev.choice.step})" if ev.choice else "-"
         why = html.escape(ev.choice.reason) if ev.choice else "-"
         alarm = (f"step {ev.alarm.step}: " + html.escape("; ".join(ev.alarm.reasons))) if ev.alarm and ev.alarm.fired else "none"
-        parts.append(f"<tr><td>{html.escape(ev.run.name)}</td><td>{choice}</td><td>{why}</td><td>{alarm}</td></tr>")
+        judge_cells = ""
+        if judged:
+            a = ev.agreement
+            best = f"{html.escape(a.judges_best)} (step {a.judges_best_step})" if a and a.judges_best else "-"
+            judge_cells = f"<td>{best}</td><td>{format_rho(a.spearman) if a else 'n/a'}</td>"
+        parts.append(f"<tr><td>{html.escape(ev.run.name)}</td><td>{choice}</td><td>{why}</td><td>{alarm}</td>"
+                     f"{judge_cells}</tr>")
     parts.append("</table>")
+    if judged and len(evals) > 1:
+        rho, n = pooled_rank_correlation([ev.points for ev in evals])
+        parts.append(f"<p class='note judge-agreement'>All runs pooled: Spearman rank correlation of "
+                     f"&minus;style_distance with judge_style_hit over {n} models (the shared base counted once): "
+                     f"<b>{format_rho(rho)}</b>.</p>")
 
     if len(evals) > 1:
         parts.append(f"<h2>Runs &times; prompts at each run's chosen checkpoint (seed {first_seed})</h2>")
@@ -146,7 +186,9 @@ def write_report(evals: list[RunEvaluation], out_dir: Path, title: str) -> Path:
         out = files / f"{key}.png"
         if _plot(evals, key, label, out):
             parts.append(f'<img src="{_rel(out, out_dir)}" alt="{html.escape(label)}">')
-    parts.append("</div><p class='note'>&#9733; marks the chosen checkpoint; a dotted line marks where the overfitting alarm fired.</p>")
+    legend = " In the tables, a blue outline marks the checkpoint the judges rank best." if judged else ""
+    parts.append("</div><p class='note'>&#9733; marks the chosen checkpoint; a dotted line marks where the overfitting "
+                 f"alarm fired.{legend}</p>")
 
     for ev in evals:
         parts.append(f"<h2>Run {html.escape(ev.run.name)}</h2>")
@@ -154,6 +196,7 @@ def write_report(evals: list[RunEvaluation], out_dir: Path, title: str) -> Path:
             parts.append(f"<div class='alarm-box'>Overfitting alarm at step {ev.alarm.step}: "
                          f"{html.escape('; '.join(ev.alarm.reasons))}</div>")
         parts.append(_metric_table(ev))
+        parts.append(_agreement_line(ev))
         rows = [(f"{p.name} ({p.step})", p.name) for p in sorted(ev.points, key=lambda p: p.step)]
         parts.append(f"<p class='note'>Images per checkpoint, seed {first_seed}:</p>")
         parts.append(_image_grid(ev, out_dir, rows, first_seed))
