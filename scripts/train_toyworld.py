@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from style_dreambooth.toyworld import assets_dir
 
@@ -99,8 +100,9 @@ def stage_experiment(args) -> None:
     cfg = ExperimentConfig(seed=args.seed)
     for kv in args.set or []:
         key, value = kv.split("=", 1)
-        current = getattr(cfg, key)
-        setattr(cfg, key, type(current)(value) if not isinstance(current, bool) else value.lower() in ("1", "true"))
+        getattr(cfg, key)  # unknown keys fail here
+        parsed = yaml.safe_load(value)
+        setattr(cfg, key, float(parsed) if isinstance(parsed, str) and parsed[:1].isdigit() else parsed)
     out = args.work / f"experiment-seed{args.seed}"
     metrics = run_experiment(cfg, out)
     print(metrics.to_json())

@@ -61,9 +61,13 @@ class ExperimentConfig:
     num_class_images: int = 50
     class_inference_steps: int = 25
     learning_rate: float = 1e-4
+    text_encoder_lr: float | None = None  # None: same as learning_rate
+    method: str = "full"  # or "lora"
+    rank: int = 4
+    prior_loss_weight: float = 1.0
     max_train_steps: int = 500
     train_batch_size: int = 2
-    use_8bit_adam: bool = True
+    use_8bit_adam: bool = False  # bitsandbytes on CPU is >half of a tiny step; a GPU-memory lever, moot here
     offset_noise: float = 0.1  # as in pretraining (see base_model.train_diffusion)
     seed: int = 0
     # evaluation
@@ -208,6 +212,10 @@ def train_config(cfg: ExperimentConfig, work: Path, instance_dir: Path) -> Train
         train_text_encoder=cfg.train_text_encoder,
         use_8bit_adam=cfg.use_8bit_adam,
         learning_rate=cfg.learning_rate,
+        text_encoder_lr=cfg.text_encoder_lr,
+        method=cfg.method,
+        rank=cfg.rank,
+        prior_loss_weight=cfg.prior_loss_weight,
         max_train_steps=cfg.max_train_steps,
         train_batch_size=cfg.train_batch_size,
         offset_noise=cfg.offset_noise,
@@ -333,7 +341,7 @@ def run_experiment(cfg: ExperimentConfig, work: Path, judges: Judges | None = No
     t_train = time.perf_counter()
     model_dir = train(train_config(cfg, work, instance_dir))
     train_seconds = time.perf_counter() - t_train
-    metrics = _Probe(cfg, judges, instances).measure(load_pipe(model_dir), train_seconds, t0, gallery)
+    metrics = _Probe(cfg, judges, instances).measure(_load_run(model_dir.parent), train_seconds, t0, gallery)
     (work / "metrics.json").write_text(metrics.to_json(), encoding="utf-8")
     return metrics
 
@@ -347,8 +355,6 @@ def run_curve(cfg: ExperimentConfig, work: Path, steps: list[int], judges: Judge
     ``train_seconds`` of a point is the training time up to that step (pro rata).
     Writes ``work/curve.json``.
     """
-    from ..sampling.generate import resolve_model
-
     t0 = time.perf_counter()
     work = Path(work)
     judges = judges or Judges.load()
@@ -363,10 +369,16 @@ def run_curve(cfg: ExperimentConfig, work: Path, steps: list[int], judges: Judge
     probe = _Probe(cfg, judges, instances)
     out: dict[int, ExperimentMetrics] = {}
     for k in steps:
-        pipe = load_pipe(run / "model") if k == steps[-1] else for_sampling(resolve_model(str(run), f"step-{k}")[0])
+        pipe = _load_run(run, None if k == steps[-1] else f"step-{k}")
         m = probe.measure(pipe, train_seconds * k / steps[-1], t0, label=f"step {k}")
         m.config["max_train_steps"] = k
         out[k] = m
     (work / "curve.json").write_text(json.dumps({k: asdict(v) for k, v in out.items()}, indent=1), encoding="utf-8")
     return out
 
+
+def _load_run(run: Path, checkpoint: str | None = None):
+    """A run's final model (full or LoRA) or one of its checkpoints, ready for CPU sampling."""
+    from ..sampling.generate import resolve_model
+
+    return for_sampling(resolve_model(str(run), checkpoint, dtype=torch.float32)[0])
