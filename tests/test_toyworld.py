@@ -109,14 +109,17 @@ def test_steps_curve_reads_each_point_from_one_run(tmp_path, monkeypatch):
     assert sorted(saved) == ["2", "4"]
 
 
-# Thresholds of the slow test, set from measured runs of its exact configuration (see
-# docs/proof-world.md). The shipped base is under-trained (subject accuracy 0.29 on plain prompts,
-# near chance on held-out cells), so the targets (style hit >= 0.8, leak <= 0.1, subject
-# accuracy with the token >= 0.8x base) are NOT met yet; these are the margins that hold today.
-MIN_STYLE_HIT = 0.2  # measured 0.375 (default config); 0.25-0.5 over 5 configurations
-MAX_BASE_STYLE_HIT = 0.1  # measured 0.0 in all runs: the base has never seen yltcaxe
-MAX_LEAK = 0.45  # measured 0.21 (default config); 0.21-0.54 over 5 configurations
-MIN_COLOUR_RATIO = 0.7  # colour acc with token / base colour acc: measured 0.625 / 0.54
+# Thresholds of the slow test, set with a margin from a measured run of its exact configuration
+# (the demo's: lr 1e-4, 500 steps, 24 class images; docs/proof-world.md, 2026-11-26, stage-3 base).
+# The targets (style hit >= 0.8, leak <= 0.1, subject accuracy with the token >= 0.8x base)
+# are NOT met: the style binds to the token only partly, and hit and leak rise together with
+# training (see the steps ablation). These bars guard what holds today.
+MIN_STYLE_HIT = 0.25  # measured 0.42 (0 for the base)
+MAX_BASE_STYLE_HIT = 0.1  # measured 0.0: the base has never seen yltcaxe
+MAX_LEAK = 0.45  # measured 0.27
+MIN_SUBJECT_RATIO_TOKEN = 0.2  # subject acc with token / base subject acc: measured 0.375 / 1.0 (chance 0.125)
+MIN_SUBJECT_RATIO_PLAIN = 0.45  # same without the token: measured 0.67 / 1.0
+MIN_COLOUR_RATIO = 0.5  # colour acc with token / base colour acc: measured 0.71 / 1.0
 
 
 @pytest.mark.slow
@@ -134,6 +137,9 @@ def test_dreambooth_binds_the_style_to_the_token(tmp_path, monkeypatch):
     assert m.style_hit_rate >= m.base_style_hit_rate + MIN_STYLE_HIT, summary
     assert m.leak_rate <= MAX_LEAK, summary
     assert m.colour_acc_token >= MIN_COLOUR_RATIO * m.base_colour_acc, summary
+    assert m.base_subject_acc >= 0.8, summary  # the shipped base draws the held-out subjects
+    assert m.subject_acc_token >= MIN_SUBJECT_RATIO_TOKEN * m.base_subject_acc, summary
+    assert m.subject_acc_plain >= MIN_SUBJECT_RATIO_PLAIN * m.base_subject_acc, summary
     assert (tmp_path / "run" / "model" / "model_index.json").is_file()
 
 

@@ -6,7 +6,6 @@ import html
 import json
 import logging
 import platform
-import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +15,13 @@ import torch
 from .experiment import ExperimentConfig, ExperimentMetrics, run_curve, run_experiment
 
 log = logging.getLogger(__name__)
+
+
+def ablation_config() -> ExperimentConfig:
+    """The default variant: the demo's and the CI test's configuration, without two-subject prompts."""
+    from .demo import demo_config
+
+    return replace(demo_config(), pairs=False, drift_seeds=4)
 
 
 def step_points(base: ExperimentConfig) -> list[int]:
@@ -38,6 +44,7 @@ def variants(base: ExperimentConfig) -> dict[str, ExperimentConfig]:
     out["class prompt 'painting'"] = replace(base, class_prompt="painting")
     out["class images=10"] = replace(base, num_class_images=10)
     out["class images=100"] = replace(base, num_class_images=100)
+    out["LoRA rank 4, lr x10"] = replace(base, method="lora", rank=4, learning_rate=base.learning_rate * 10)
     return out
 
 
@@ -67,7 +74,7 @@ def _cell(values: list[float | None], key: str) -> str:
 
 def run_ablations(work: Path, docs: Path, seeds: int = 1, only: list[str] | None = None,
                   base: ExperimentConfig | None = None) -> dict[str, list[ExperimentMetrics]]:
-    base = base or ExperimentConfig(pairs=False)
+    base = base or ablation_config()
     results_file = work / "results.json"
     work.mkdir(parents=True, exist_ok=True)
     stored: dict[str, list[dict]] = json.loads(results_file.read_text()) if results_file.exists() else {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

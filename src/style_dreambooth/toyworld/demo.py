@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
