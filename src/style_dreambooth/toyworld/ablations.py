@@ -53,7 +53,7 @@ COLUMNS = (
     ("colour_acc_token", "colour (token)"), ("subject_acc_plain", "subject (plain)"),
     ("drift_pixel_plain", "drift px plain"), ("drift_pixel_artstyle", "drift px class"),
     ("drift_style_tv_artstyle", "drift style-mix class"), ("memorisation_rate", "memorised"),
-    ("two_subject_success_token", "two subjects"), ("train_seconds", "train s"),
+    ("max_instance_ssim", "max SSIM to an instance"), ("train_seconds", "train s"),
 )
 
 
