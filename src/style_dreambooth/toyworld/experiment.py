@@ -360,7 +360,7 @@ def run_curve(cfg: ExperimentConfig, work: Path, steps: list[int], judges: Judge
     judges = judges or Judges.load()
     steps = sorted(set(steps))
     every = int(np.gcd.reduce(steps))
-    instance_dir, instances = _prepare(replace(cfg, max_train_steps=steps[-1]), work)
+    instance_dir, instances = _prepare(cfg, work)
     tcfg = train_config(replace(cfg, max_train_steps=steps[-1]), work, instance_dir)
     tcfg = tcfg.model_copy(update={"checkpointing_steps": every})
     t_train = time.perf_counter()

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
+from .evaluate import subject_prompt
 from .experiment import HELDOUT_COLOURS, HELDOUT_SUBJECTS
 from .judges import Judges
 from .render import COLOUR_NAMES, SUBJECTS
@@ -82,7 +83,7 @@ def proof_world_prompts(
 ) -> dict[str, list[str]]:
     """The held-out cells (subjects absent from the instance images, in colours absent from them) as
     token / plain / class prompt lists; the class list also holds the bare class prompt."""
-    cells = [f"a {colour} {subject}" for subject in subjects for colour in colours]
+    cells = [subject_prompt(subject, colour) for subject in subjects for colour in colours]
     return {
         "token": [f"{c}, {instance_prompt}" for c in cells],
         "plain": cells,
