@@ -12,6 +12,10 @@ command skips finished runs and evaluations.
 
     nice -n 10 python scripts/proof_world_sweep.py --threads 1                      # the default sweep
     python scripts/proof_world_sweep.py --out /tmp/pw --work /tmp/pw-work --steps 16 --grid learning_rate=1e-4
+
+    # the ablation report (docs/proof-world-ablation): named variants instead of a grid
+    python scripts/proof_world_sweep.py --runs examples/proof-world-ablation.yaml --steps 500 \
+        --checkpoint-every 250 --table-step 500 --out docs/proof-world-ablation --work runs/proof-world-ablation
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ TABLE = (
     ("judge_leak_plain", "leak plain"),
     ("judge_leak_class", "leak class"),
     ("judge_prompt_fidelity", "fidelity"),
+    ("judge_subject_acc_token", "subject acc"),
     ("judge_colour_acc_token", "colour acc"),
+    ("judge_subject_acc_plain", "subject acc plain"),
     ("diversity", "diversity"),
     ("copy_rate", "copy rate"),
     ("prior_drift", "prior drift"),
@@ -50,15 +56,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "proof-world-sweep",
                     help="sweep folder with the trained runs and class images (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=800, help="max_train_steps; a checkpoint every steps/8 (default: %(default)s)")
+    ap.add_argument("--checkpoint-every", type=int, default=None, help="checkpointing_steps (default: steps/8)")
     ap.add_argument("--grid", action="append", default=None,
-                    help="key=v1,v2 (repeatable) like `style-dreambooth sweep --grid` (default: learning_rate=5e-5,1e-4,2e-4)")
+                    help="key=v1,v2 (repeatable) like `style-dreambooth sweep --grid` "
+                         "(default without --runs: learning_rate=5e-5,1e-4,2e-4)")
+    ap.add_argument("--runs", type=Path, default=None, help="YAML of named variants, like `style-dreambooth sweep --runs`")
+    ap.add_argument("--table-step", type=int, default=None,
+                    help="also tabulate every run at this step (an ablation), and every checkpoint of longer runs")
+    ap.add_argument("--adam", choices=["8bit", "torch"], default="8bit",
+                    help="optimizer: bitsandbytes 8-bit AdamW (the reference recipe) or torch AdamW (faster on CPU)")
     ap.add_argument("--eval-seeds", default="1000,1001", help="seeds per evaluation prompt (default: %(default)s)")
     ap.add_argument("--sample-steps", type=int, default=20, help="sampler steps for evaluation images (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     return ap.parse_args(argv)
 
 
-def base_config(out: Path, work: Path, steps: int) -> dict:
+def base_config(out: Path, work: Path, steps: int, every: int | None = None, adam8: bool = True) -> dict:
     from style_dreambooth.toyworld import base_model_dir
 
     return {
@@ -74,11 +87,11 @@ def base_config(out: Path, work: Path, steps: int) -> dict:
         "train_text_encoder": True,
         "resolution": 64,
         "train_batch_size": 2,
-        "use_8bit_adam": True,
+        "use_8bit_adam": adam8,
         "offset_noise": 0.1,
         "learning_rate": 1e-4,
         "max_train_steps": steps,
-        "checkpointing_steps": max(1, steps // 8),
+        "checkpointing_steps": every or max(1, steps // 8),
         "validation_steps": 0,
         "logging_steps": 10,
         "seed": 0,
@@ -127,7 +140,31 @@ def record_time(work: Path, seconds: float, command: str) -> tuple[float, int]:
     return sum(h["seconds"] for h in history), len(history)
 
 
-def write_readme(out: Path, evals, args: argparse.Namespace, grid: dict, timing: tuple[float, int], command: str) -> Path:
+def _metric_row(label: str, p) -> str:
+    return f"| {label} | " + " | ".join(_f(p.get(k)) for k, _ in TABLE) + " |"
+
+
+def ablation_tables(evals, step: int) -> list[str]:
+    """Markdown: every run at ``step`` (one row each), then every checkpoint of the runs that went
+    further (the steps ablation), each with the base model's row for reference."""
+    head = ["| run | " + " | ".join(label for _, label in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
+    base = next((p for ev in evals for p in ev.points if p.step == 0), None)
+    lines = [f"### Every run at step {step}", "", *head]
+    if base is not None:
+        lines.append(_metric_row("base model (step 0)", base))
+    for ev in evals:
+        at = next((p for p in ev.points if p.step == step), None)
+        lines.append(_metric_row(ev.run.name, at) if at else f"| {ev.run.name} | no model at step {step} |")
+    longer = [ev for ev in evals if max((p.step for p in ev.points), default=0) > step]
+    for ev in longer:
+        lines += ["", f"### Steps: every checkpoint of {ev.run.name}", "", *head]
+        for p in sorted(ev.points, key=lambda p: p.step):
+            lines.append(_metric_row(f"step {p.step}", p))
+    return lines + [""]
+
+
+def write_readme(out: Path, evals, args: argparse.Namespace, grid: dict, timing: tuple[float, int], command: str,
+                 runs: dict | None = None) -> Path:
     import torch
 
     from style_dreambooth.evaluation.agreement import format_rho, pooled_rank_correlation
@@ -148,9 +185,14 @@ def write_readme(out: Path, evals, args: argparse.Namespace, grid: dict, timing:
         "",
         "Setup: the shipped tiny SD 1.x base fine-tuned through `train` on the 5 yltcaxe images in "
         "[instance/](instance/) with prior preservation (class prompt `artstyle`, 24 class images), text encoder "
-        f"trained, 64 px, batch 2, 8-bit AdamW, offset noise 0.1, seed 0, {args.steps} steps with a checkpoint every "
-        f"{max(1, args.steps // 8)} ([base.yaml](base.yaml)); grid: "
-        + ", ".join(f"`{k}` = {', '.join(str(v) for v in vs)}" for k, vs in grid.items())
+        f"trained, 64 px, batch 2, {'8-bit' if args.adam == '8bit' else 'torch'} AdamW, offset noise 0.1, seed 0, "
+        f"{args.steps} steps with a checkpoint every {args.checkpoint_every or max(1, args.steps // 8)} "
+        "([base.yaml](base.yaml))"
+        + ("; runs ([runs.yaml](runs.yaml)): " + "; ".join(
+            f"`{name}` " + (", ".join(f"{k}={v}" for k, v in over.items()) or "(the base config)")
+            for name, over in runs.items()) if runs else "")
+        + ("; grid: " + ", ".join(f"`{k}` = {', '.join(str(v) for v in vs)}" for k, vs in grid.items())
+           if grid else "")
         + f". Evaluation: [prompts.yaml](prompts.yaml) ({len(settings.prompts.token)} held-out subject x colour "
         f"cells with the token, the same without it, and {len(settings.prompts.klass)} class prompts), seeds "
         f"{', '.join(map(str, settings.seeds))}, DPM++ {settings.steps} steps, CFG {settings.guidance}, "
@@ -172,6 +214,8 @@ def write_readme(out: Path, evals, args: argparse.Namespace, grid: dict, timing:
         lines.append(f"| {ev.run.name} | {format_rho(a.spearman)} | {a.n} | {a.rule_pick} | {a.judges_best} | "
                      f"{_f(a.rule_pick_style_hit)} / {_f(a.judges_best_style_hit)} |")
     lines += ["", f"All runs pooled (the shared base counted once): rank correlation **{format_rho(rho)}** over {n} models.", ""]
+    if args.table_step:
+        lines += ablation_tables(evals, args.table_step)
     for ev in evals:
         lines += [f"## {ev.run.name}", ""]
         if ev.choice:
@@ -204,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from style_dreambooth.errors import UserError
     from style_dreambooth.evaluation.evaluate import RunEvaluation
     from style_dreambooth.reports.html import write_report
-    from style_dreambooth.sweep import grid_combos, parse_grid, run_name, run_sweep, write_judge_agreement
+    from style_dreambooth.sweep import parse_grid, read_runs_file, run_sweep, sweep_plan, write_judge_agreement
     from style_dreambooth.toyworld.experiment import write_instance_images
     from style_dreambooth.toyworld.scoring import JudgeScorer, write_prompt_file
 
@@ -213,25 +257,29 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("style_dreambooth.proof_world_sweep")
     t0 = time.perf_counter()
     try:
-        grid = parse_grid(args.grid or ["learning_rate=5e-5,1e-4,2e-4"])
+        runs = read_runs_file(args.runs) if args.runs else None
+        grid = parse_grid(args.grid or ([] if runs else ["learning_rate=5e-5,1e-4,2e-4"]))
         seeds = [int(s) for s in args.eval_seeds.split(",") if s.strip()]
         out, work = args.out.resolve(), args.work.resolve()
         out.mkdir(parents=True, exist_ok=True)
         write_instance_images(out / "instance", n=5, seed=0)
         prompt_file = write_prompt_file(out / "prompts.yaml")
         config_file = out / "base.yaml"
-        config_file.write_text(yaml.safe_dump(base_config(out, work, args.steps), sort_keys=False), encoding="utf-8")
-        run_sweep(config_file, grid, work, eval_kwargs={
+        config_file.write_text(yaml.safe_dump(base_config(out, work, args.steps, args.checkpoint_every,
+                                                          args.adam == "8bit"), sort_keys=False), encoding="utf-8")
+        if runs:
+            shutil.copy2(args.runs, out / "runs.yaml")
+        run_sweep(config_file, grid, work, runs=runs, eval_kwargs={
             "prompt_file": prompt_file, "seeds": seeds, "steps": args.sample_steps, "learned": None,
             "scorers": [JudgeScorer()],
         })
-        evals = [RunEvaluation.from_summary(work / "runs" / run_name(combo)) for combo in grid_combos(grid)]
+        evals = [RunEvaluation.from_summary(work / "runs" / name) for name, _ in sweep_plan(grid, runs)]
         evals = export(evals, out, seeds[0])
         seconds = time.perf_counter() - t0
         write_report(evals, out, "Proof-world sweep: weight-free style distance vs the judges")
         write_judge_agreement(evals, out)
         command = ("python scripts/proof_world_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-        readme = write_readme(out, evals, args, grid, record_time(work, seconds, command), command)
+        readme = write_readme(out, evals, args, grid, record_time(work, seconds, command), command, runs)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -41,12 +41,13 @@ def stage_vae(args) -> None:
 def stage_base(args) -> None:
     from diffusers import AutoencoderKL
 
-    from style_dreambooth.toyworld.base_model import encode_dataset, save_base, train_diffusion
+    from style_dreambooth.toyworld.base_model import dataset_captions, encode_dataset, save_base, train_diffusion
 
     vae = AutoencoderKL.from_pretrained(args.work / "vae").eval()
     cache = args.work / f"latents-{args.dataset}.pt"
     if cache.is_file():
-        latents, captions = torch.load(cache)
+        latents, _ = torch.load(cache)
+        captions = dataset_captions(len(latents))  # the images are fixed by their seeds; captions may change
     else:
         latents, captions = encode_dataset(vae, args.dataset)
         torch.save((latents, captions), cache)

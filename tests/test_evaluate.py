@@ -104,3 +104,40 @@ def test_sweep_runs_grid_resumes_and_reports(tmp_path, tiny_model, instance_dir,
 
     code, _, err = run_cli(capsys, "sweep", "--config", base, "--grid", "learning_rat=1", "--out", out)
     assert code == 2 and "learning_rat" in err
+
+
+def test_sweep_runs_file_names_variants_and_combines_with_grid(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "base_model": str(tiny_model), "instance_dir": str(instance_dir), "instance_prompt": "yltcaxe artstyle",
+        "class_prompt": "artstyle", "output_dir": str(tmp_path / "ignored"), "resolution": 64,
+        "num_class_images": 2, "class_inference_steps": 2, "validation_steps": 0, "checkpointing_steps": 0,
+        "learning_rate": 1e-3, "max_train_steps": 1,
+    }))
+    variants = tmp_path / "ablation.yaml"
+    variants.write_text("default:\nfrozen te: {train_text_encoder: false}\nlonger: {max-train-steps: 2}\n")
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(capsys, "sweep", "--config", base, "--runs", variants, "--out", out,
+                           "--seeds", "0", "--steps", "2", "--clip", "none", "--dino", "none")
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["default", "frozen-te", "longer"]
+    saved = {name: yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
+             for name in ("default", "frozen-te", "longer")}
+    assert [saved[n]["train_text_encoder"] for n in ("default", "frozen-te")] == [True, False]
+    assert [saved[n]["max_train_steps"] for n in ("default", "longer")] == [1, 2]
+    text = (out / "report.html").read_text()
+    assert text.count("<h2>Run ") == 3 and "frozen-te" in text
+
+    from style_dreambooth.sweep import read_runs_file, sweep_plan
+
+    plan = sweep_plan({"learning_rate": [1e-3, 2e-3]}, read_runs_file(variants))
+    assert [name for name, _ in plan][:2] == ["default__learning_rate=0.001", "default__learning_rate=0.002"]
+    assert plan[3][1] == {"train_text_encoder": False, "learning_rate": 2e-3}
+
+    for text, needle in (("- just a list\n", "must map run names"), ("a: {learning_rat: 1}\n", "learning_rat"),
+                         ("a: 3\n", "run 'a'"), ("a: [\n", "not valid YAML"), ("a: {output_dir: x}\n", "output_dir")):
+        variants.write_text(text)
+        code, _, err = run_cli(capsys, "sweep", "--config", base, "--runs", variants, "--out", out)
+        assert code == 2 and needle in err, (text, err)
+    code, _, err = run_cli(capsys, "sweep", "--config", base, "--out", out)
+    assert code == 2 and "--grid" in err

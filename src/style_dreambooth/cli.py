@@ -193,16 +193,19 @@ def evaluate(run: Path, prompt_file, seeds: str, steps: int, clip: str, dino: st
 
 @app.command()
 @click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Base YAML config.")
-@click.option("--grid", multiple=True, required=True, help="key=v1,v2 (repeatable): the values to sweep.")
+@click.option("--grid", multiple=True, help="key=v1,v2 (repeatable): the values to sweep.")
+@click.option("--runs", "runs_file", type=click.Path(path_type=Path), default=None,
+              help="YAML file of named variants (name: {key: value, ...}), e.g. an ablation; combines with --grid.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Sweep folder (runs/ and report.html).")
 @_eval_options
-def sweep(config_file: Path, grid: tuple[str, ...], out: Path, prompt_file, seeds: str, steps: int, clip: str,
-          dino: str, judges: str) -> None:
-    """Train and evaluate a grid of runs (resumable) into one report.html."""
-    from .sweep import parse_grid, run_sweep
+def sweep(config_file: Path, grid: tuple[str, ...], runs_file: Path | None, out: Path, prompt_file, seeds: str,
+          steps: int, clip: str, dino: str, judges: str) -> None:
+    """Train and evaluate a grid or a list of runs (resumable) into one report.html."""
+    from .sweep import parse_grid, read_runs_file, run_sweep
 
     _quiet_libraries()
-    report = run_sweep(config_file, parse_grid(list(grid)), out,
+    runs = read_runs_file(runs_file) if runs_file else None
+    report = run_sweep(config_file, parse_grid(list(grid)), out, runs=runs,
                        eval_kwargs=_eval_kwargs(prompt_file, seeds, steps, clip, dino, judges))
     click.echo(f"report: {report}")
 

@@ -1,4 +1,5 @@
-"""Sweeps: a grid over config keys -> runs (resumable, sharing class-image caches) -> one report."""
+"""Sweeps: a grid over config keys, or a file of named variants -> runs (resumable, sharing
+class-image caches) -> one report."""
 
 from __future__ import annotations
 
@@ -57,7 +58,52 @@ def grid_combos(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def run_name(combo: dict[str, Any]) -> str:
     raw = "__".join(f"{k}={v}" for k, v in combo.items()) or "base"
+    return _safe_name(raw)
+
+
+def _safe_name(raw: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", raw)
+
+
+def read_runs_file(path: Path) -> dict[str, dict[str, Any]]:
+    """A YAML mapping of run name -> config overrides (empty: the base config as it is).
+
+    This is how an ablation is written: one named variant per line, each changing one thing
+    (or two that belong together, like ``{method: lora, learning_rate: 1e-3}``).
+    """
+    if not path.is_file():
+        raise UserError(f"--runs file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--runs file '{path}' is not valid YAML ({first}); fix the syntax") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"--runs file '{path}' must map run names to overrides, e.g. 'lr-low: {{learning_rate: 5e-5}}'")
+    runs: dict[str, dict[str, Any]] = {}
+    for name, overrides in data.items():
+        label = _safe_name(str(name).strip())
+        if not label.strip("-"):
+            raise UserError(f"run name {name!r} in '{path}' is empty; name each run")
+        if label in runs:
+            raise UserError(f"run name '{name}' in '{path}' clashes with another one as folder name '{label}'")
+        if overrides is None:
+            overrides = {}
+        if not isinstance(overrides, dict):
+            raise UserError(f"run '{name}' in '{path}' must be a mapping of config keys, not {overrides!r}")
+        runs[label] = normalize_keys(overrides, f"run '{name}' of '{path}'")
+    return runs
+
+
+def sweep_plan(grid: dict[str, list[Any]], runs: dict[str, dict[str, Any]] | None = None
+               ) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, overrides) of every run: each named run (or the base) x each grid combination."""
+    combos = grid_combos(grid)
+    if not runs:
+        return [(run_name(c), c) for c in combos]
+    if not grid:
+        return list(runs.items())
+    return [(f"{name}__{run_name(c)}", {**over, **c}) for name, over in runs.items() for c in combos]
 
 
 def _check_same_run(run: RunFolder, cfg) -> None:
@@ -98,17 +144,22 @@ def run_sweep(
     grid: dict[str, list[Any]],
     out: Path,
     *,
+    runs: dict[str, dict[str, Any]] | None = None,
     eval_kwargs: dict[str, Any] | None = None,
 ) -> Path:
-    """Train and evaluate every grid point under out/runs/, then write out/report.html."""
+    """Train and evaluate every run of the plan (named ``runs`` x ``grid``) under out/runs/,
+    then write out/report.html."""
     base = read_yaml(config_file)
-    if "output_dir" in grid:
-        raise UserError("--grid cannot vary output_dir; the sweep names each run's folder")
-    combos = grid_combos(grid)
-    # Validate every combination before any training starts.
-    configs = [build_config(base, {**combo, "output_dir": out / "runs" / run_name(combo)}) for combo in combos]
+    if not grid and not runs:
+        raise UserError("a sweep needs --grid key=v1,v2 or --runs FILE")
+    if "output_dir" in grid or any("output_dir" in r for r in (runs or {}).values()):
+        raise UserError("a sweep cannot vary output_dir; it names each run's folder")
+    plan = sweep_plan(grid, runs)
+    # Validate every run's config before any training starts.
+    configs = [build_config(base, {**over, "output_dir": out / "runs" / name}) for name, over in plan]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump({"config": str(config_file), "grid": grid}, sort_keys=False))
+    record = {"config": str(config_file), "grid": grid, **({"runs": runs} if runs else {})}
+    (out / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     evals: list[RunEvaluation] = []
     for i, cfg in enumerate(configs, 1):
         run = RunFolder(cfg.output_dir)

@@ -26,7 +26,7 @@ from ..models.random_model import BOS_TOKEN_ID, EOS_TOKEN_ID, scheduler_config
 from ..models.tokenizer import VOCAB_SIZE, build_clip_tokenizer, write_vocab_files
 from ..progress import progress_bar
 from ..training.loss import min_snr_weights
-from .data import render_batch
+from .data import pretrain_example, render_batch
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,17 @@ def train_vae(steps: int = 600, batch: int = 16, crop: int = 32, lr: float = 1e-
     return vae
 
 
+DATASET_SEED = 1_000_000
+
+
+def dataset_captions(n: int, seed_offset: int = DATASET_SEED) -> list[str]:
+    """The captions of the first ``n`` pretraining examples (cheap: nothing is rendered), so a
+    latent cache made before a caption change can be reused with today's captions."""
+    return [pretrain_example(seed_offset + i).caption for i in range(n)]
+
+
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, n: int, seed_offset: int = 1_000_000, batch: int = 128):
+def encode_dataset(vae: AutoencoderKL, n: int, seed_offset: int = DATASET_SEED, batch: int = 128):
     """Latent means (unscaled) and captions of ``n`` pretraining examples."""
     latents, captions = [], []
     with progress_bar("encoding", n) as bar:

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from .render import Scene, random_scene
-from .styles import PRETRAIN_STYLES, apply_style, style_phrase
+from .styles import ARTIST_STYLE, PRETRAIN_STYLES, apply_style, style_phrase
 
 # Probabilities of the pretraining mix.
 P_PLAIN = 0.4  # the rest is split evenly over the named pretraining styles
@@ -16,6 +16,32 @@ P_TWO = 0.12  # two subjects, "a red star and a blue house" (first on the left)
 P_BARE_ARTSTYLE = 0.12  # caption ends in ", artstyle" (no style name): "artstyle" means any style
 P_NO_SUBJECT = 0.05  # caption is only the style phrase ("pixel artstyle" / "artstyle")
 P_EMPTY = 0.1  # empty caption, for classifier-free guidance
+P_ARTIST = 0.4  # a named style is credited to one of its made-up artists instead: "qorvup artstyle"
+ARTISTS_PER_STYLE = 100
+
+
+def _artists() -> dict[str, tuple[str, ...]]:
+    """Made-up artist names, each drawing in one pretraining style (never the identifier).
+
+    Real SD knows thousands of rare names that stand for a style; DreamBooth for style leans on
+    that pathway (rare word -> look). These names give the toy text encoder the same pathway, and
+    train the embeddings of many rare BPE pieces, the identifier's among them.
+    """
+    rng = np.random.default_rng(20261126)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    named = [s for s in PRETRAIN_STYLES if s != "plain"]
+    out: dict[str, list[str]] = {s: [] for s in named}
+    seen = {ARTIST_STYLE}
+    while any(len(v) < ARTISTS_PER_STYLE for v in out.values()):
+        name = "".join(rng.choice(letters, int(rng.integers(5, 9))))
+        style = min(out, key=lambda k: len(out[k]))
+        if name not in seen:
+            seen.add(name)
+            out[style].append(name)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+ARTISTS = _artists()
 
 
 @dataclass(frozen=True)
@@ -37,6 +63,10 @@ def pretrain_example(seed: int) -> Example:
     phrase = style_phrase(style)
     if rng.random() < P_BARE_ARTSTYLE:
         phrase = "artstyle"
+    elif style in ARTISTS:  # its own stream, so the scenes (and cached latents) stay as they were
+        artist_rng = np.random.default_rng([seed, 4243])
+        if artist_rng.random() < P_ARTIST:
+            phrase = f"{ARTISTS[style][int(artist_rng.integers(ARTISTS_PER_STYLE))]} artstyle"
     if u < P_EMPTY:
         caption = ""
     elif u < P_EMPTY + P_NO_SUBJECT:
