@@ -313,3 +313,30 @@ def test_learned_metrics_skip_missing_weights(tmp_path, monkeypatch):
     disabled = LearnedMetrics.load(clip=None, dino=None)
     assert disabled.clip_t(images, "a cat").skipped == "CLIP disabled (no weights given)"
     assert disabled.dino(images, images).value is None
+
+
+def test_evaluate_rescores_stored_images_when_clip_or_dino_change(tmp_path, tiny_model, instance_dir, cache_env,
+                                                                   tiny_learned_models, capsys):
+    """The score cache knows which CLIP/DINO scored: switching them on re-scores, without re-sampling."""
+    import json
+
+    from clihelp import run_cli, train_args
+
+    clip_dir, dino_dir = tiny_learned_models
+    run = tmp_path / "run"
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, run, "--max-train-steps", "1"))[0] == 0
+    common = ["evaluate", run, "--seeds", "0", "--steps", "2"]
+    assert run_cli(capsys, *common, "--clip", "none", "--dino", "none")[0] == 0
+    summary = lambda: json.loads((run / "eval" / "metrics.json").read_text())  # noqa: E731
+    assert all(p["metrics"]["clip_t"] is None for p in summary()["points"])
+    images = sorted((run / "eval" / "final").glob("*.png"))
+    stamps = {p: p.stat().st_mtime_ns for p in images}
+
+    code, _, err = run_cli(capsys, *common, "--clip", str(clip_dir), "--dino", str(dino_dir))
+    assert code == 0, err
+    for point in summary()["points"]:
+        assert isinstance(point["metrics"]["clip_t"], float) and isinstance(point["metrics"]["dino"], float)
+    assert {p: p.stat().st_mtime_ns for p in images} == stamps  # the same images, scored again
+
+    assert run_cli(capsys, *common, "--clip", "none", "--dino", "none")[0] == 0
+    assert all(p["metrics"]["clip_t"] is None for p in summary()["points"])

@@ -177,6 +177,7 @@ class Scorers:
         self.learned = learned
         self.extra = extra
         self.extra_names = [scorer_name(s) for s in extra]
+        self.learned_id = learned.identity() if learned is not None and hasattr(learned, "identity") else None
         self.skipped: dict[str, str] = {}
 
     def score(self, images: dict[str, list[Image.Image]], prompts: dict[str, list[str]], n_seeds: int,
@@ -270,7 +271,7 @@ def evaluate_run(
                 and cached.get("model") == identity
             ):
                 images = _load_images(folder, prompts, settings.seeds)
-                if cached.get("scorers", []) == scorer.extra_names:
+                if cached.get("scorers", []) == scorer.extra_names and cached.get("learned") == scorer.learned_id:
                     metrics = cached["metrics"]
             else:
                 if spec == "base":
@@ -293,11 +294,11 @@ def evaluate_run(
                 del pipe
             if step == 0:
                 base_class = images["class"]  # the reference for prior drift
-            if metrics is None:  # new images, or stored images scored with another set of extra scorers
+            if metrics is None:  # new images, or stored images scored with other extra scorers or CLIP/DINO
                 metrics = scorer.score(images, prompts.by_kind(), len(settings.seeds), base_class)
                 tmp = scores_file.with_name(".scores.json.tmp")
                 record = {"settings": settings.key(), "model": identity, "n_images": n_images,
-                          "scorers": scorer.extra_names, "metrics": metrics}
+                          "scorers": scorer.extra_names, "learned": scorer.learned_id, "metrics": metrics}
                 tmp.write_text(json.dumps(record, indent=1))
                 os.replace(tmp, scores_file)
             points.append(Point(step, name, metrics))

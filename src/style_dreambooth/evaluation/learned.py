@@ -148,6 +148,13 @@ class LearnedMetrics:
         # their ids cannot be reused by other objects.
         self._instance_cache: dict[str, tuple[list[Any], tuple[int, ...], torch.Tensor]] = {}
 
+    def identity(self) -> dict[str, str | None]:
+        """Which CLIP and DINO weights score (None: skipped), for the evaluation's score cache."""
+        def name(parts) -> str | None:
+            return None if parts is None else str(getattr(parts[0].config, "_name_or_path", "") or type(parts[0]).__name__)
+
+        return {"clip": name(self._clip), "dino": name(self._dino)}
+
     def _instance_embeddings(self, kind: str, instances: list[ImageLike], embed) -> torch.Tensor:
         key = tuple(id(im) for im in instances)
         cached = self._instance_cache.get(kind)
