@@ -65,14 +65,20 @@ def test_generate_best_needs_evaluation(tmp_path, tiny_model, instance_dir, cach
     assert code == 2 and "evaluate" in err
 
 
-def test_sweep_runs_grid_resumes_and_reports(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+def sweep_base(tmp_path, tiny_model, instance_dir, **overrides) -> Path:
+    """A sweep's base config for the tiny model."""
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({
         "base_model": str(tiny_model), "instance_dir": str(instance_dir), "instance_prompt": "yltcaxe artstyle",
         "class_prompt": "artstyle", "output_dir": str(tmp_path / "ignored"), "resolution": 64,
         "num_class_images": 2, "class_inference_steps": 2, "validation_steps": 0, "checkpointing_steps": 1,
-        "learning_rate": 1e-3,
+        "learning_rate": 1e-3, **overrides,
     }))
+    return base
+
+
+def test_sweep_runs_grid_resumes_and_reports(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+    base = sweep_base(tmp_path, tiny_model, instance_dir)
     out = tmp_path / "sweep"
     args = ["sweep", "--config", base, "--grid", "max_train_steps=2,3", "--grid", "learning_rate=1e-3",
             "--out", out, "--seeds", "0", "--steps", "2", "--clip", "none", "--dino", "none"]
@@ -107,13 +113,7 @@ def test_sweep_runs_grid_resumes_and_reports(tmp_path, tiny_model, instance_dir,
 
 
 def test_sweep_runs_file_names_variants_and_combines_with_grid(tmp_path, tiny_model, instance_dir, cache_env, capsys):
-    base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({
-        "base_model": str(tiny_model), "instance_dir": str(instance_dir), "instance_prompt": "yltcaxe artstyle",
-        "class_prompt": "artstyle", "output_dir": str(tmp_path / "ignored"), "resolution": 64,
-        "num_class_images": 2, "class_inference_steps": 2, "validation_steps": 0, "checkpointing_steps": 0,
-        "learning_rate": 1e-3, "max_train_steps": 1,
-    }))
+    base = sweep_base(tmp_path, tiny_model, instance_dir, checkpointing_steps=0, max_train_steps=1)
     variants = tmp_path / "ablation.yaml"
     variants.write_text("default:\nfrozen te: {train_text_encoder: false}\nlonger: {max-train-steps: 2}\n")
     out = tmp_path / "sweep"

@@ -28,6 +28,27 @@ def test_renderer_is_deterministic_and_captioned():
         assert arr.std() > 10
 
 
+def test_pretraining_captions_credit_named_styles_to_made_up_artists():
+    from style_dreambooth.toyworld.base_model import dataset_captions
+    from style_dreambooth.toyworld.data import ARTISTS, pretrain_example, render_batch
+
+    names = [n for style in ARTISTS for n in ARTISTS[style]]
+    assert len(names) == len(set(names)) and "yltcaxe" not in names
+    assert set(ARTISTS) == {"pixel", "neon", "watercolor"}
+    examples = [pretrain_example(1_000_000 + i) for i in range(3000)]
+    credited = {}
+    for e in examples:
+        words = e.caption.split(", ")[-1].split()
+        if len(words) == 2 and words[1] == "artstyle" and words[0] in names:
+            credited.setdefault(e.scene.style, []).append(words[0])
+            assert words[0] in ARTISTS[e.scene.style], "an artist always draws in its own style"
+    assert "yltcaxe" not in {e.scene.style for e in examples}
+    named = sum(e.scene.style in ARTISTS for e in examples)
+    assert 0.2 < sum(map(len, credited.values())) / named < 0.5  # P_ARTIST of the named-style captions
+    assert set(credited) == set(ARTISTS)
+    assert dataset_captions(40) == render_batch(list(range(1_000_000, 1_000_040)))[1]
+
+
 def test_yltcaxe_palette_keeps_colour_identity():
     from style_dreambooth.toyworld.render import COLOURS
 

@@ -183,15 +183,20 @@ def normalize_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict of field names."""
+def load_yaml(path: Path, what: str = "config file") -> Any:
+    """The YAML in ``path``; a missing file or bad syntax is a one-line UserError naming ``what``."""
     if not path.is_file():
-        raise UserError(f"config file '{path}' not found")
+        raise UserError(f"{what} '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"config file '{path}' is not valid YAML ({first}); fix the syntax") from None
+        raise UserError(f"{what} '{path}' is not valid YAML ({first}); fix the syntax") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict of field names."""
+    data = load_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .config import build_config, normalize_keys, read_yaml
+from .config import build_config, load_yaml, normalize_keys, read_yaml
 from .errors import UserError
 from .evaluation.agreement import pooled_rank_correlation
 from .evaluation.evaluate import RunEvaluation, evaluate_run
@@ -71,13 +71,7 @@ def read_runs_file(path: Path) -> dict[str, dict[str, Any]]:
     This is how an ablation is written: one named variant per line, each changing one thing
     (or two that belong together, like ``{method: lora, learning_rate: 1e-3}``).
     """
-    if not path.is_file():
-        raise UserError(f"--runs file '{path}' not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"--runs file '{path}' is not valid YAML ({first}); fix the syntax") from None
+    data = load_yaml(path, "--runs file")
     if not isinstance(data, dict) or not data:
         raise UserError(f"--runs file '{path}' must map run names to overrides, e.g. 'lr-low: {{learning_rate: 5e-5}}'")
     runs: dict[str, dict[str, Any]] = {}

@@ -45,9 +45,10 @@ tr.judges-best td:first-child{outline:2px solid #68c}
 """
 
 
-def _fmt(value) -> str:
+def format_cell(value, missing: str = "skipped") -> str:
+    """A metric for an HTML table cell: floats to 3 decimals, None as ``missing``, text escaped."""
     if value is None:
-        return "skipped"
+        return missing
     if isinstance(value, float):
         return f"{value:.3f}"
     return html.escape(str(value))
@@ -113,7 +114,7 @@ def _agreement_line(ev: RunEvaluation) -> str:
     best = f"{html.escape(a.judges_best)} (step {a.judges_best_step})" if a.judges_best else "-"
     hits = ""
     if a.judges_best_style_hit is not None:
-        hits = f", judged style-hit {_fmt(a.rule_pick_style_hit)} vs {_fmt(a.judges_best_style_hit)}"
+        hits = f", judged style-hit {format_cell(a.rule_pick_style_hit)} vs {format_cell(a.judges_best_style_hit)}"
     verdict = "they agree" if a.agree else "they differ"
     return (f"<p class='note judge-agreement'>Judges vs weight-free style: Spearman rank correlation of "
             f"&minus;style_distance with judge_style_hit over {a.n} models: <b>{format_rho(a.spearman)}</b>. "
@@ -137,7 +138,7 @@ def _metric_table(ev: RunEvaluation) -> str:
             classes.append("judges-best")
         if classes:
             cls = f' class="{" ".join(classes)}"'
-        cells = "".join(f"<td>{_fmt(p.metrics.get(k))}</td>" for k in keys)
+        cells = "".join(f"<td>{format_cell(p.metrics.get(k))}</td>" for k in keys)
         rows.append(f"<tr{cls}><td>{html.escape(p.name)} ({p.step})</td>{cells}</tr>")
     return f"<table><tr><th>model (step)</th>{head}</tr>{''.join(rows)}</table>"
 

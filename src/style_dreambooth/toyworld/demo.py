@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..reports.html import format_cell
 from ..sampling.images import make_grid
 from .experiment import ExperimentConfig, ExperimentMetrics, Gallery, run_experiment
 from .judges import Judges
@@ -48,11 +49,7 @@ _ROWS = (
 
 
 def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return html.escape(str(value))
+    return format_cell(value, missing="n/a")
 
 
 def metrics_table(metrics: ExperimentMetrics) -> str:
