@@ -127,6 +127,13 @@ def test_sweep_runs_file_names_variants_and_combines_with_grid(tmp_path, tiny_mo
     assert [saved[n]["max_train_steps"] for n in ("default", "longer")] == [1, 2]
     text = (out / "report.html").read_text()
     assert text.count("<h2>Run ") == 3 and "frozen-te" in text
+    # The base model is evaluated once for the whole sweep; each run's report gets a copy.
+    (shared,) = (out / "base-eval").iterdir()
+    stamps = {p.name: p.stat().st_mtime_ns for p in shared.glob("*.png")}
+    assert stamps
+    for name in ("default", "frozen-te", "longer"):
+        copies = {p.name: p.stat().st_mtime_ns for p in (out / "runs" / name / "eval" / "base").glob("*.png")}
+        assert copies == stamps, name
 
     from style_dreambooth.sweep import read_runs_file, sweep_plan
 

@@ -168,6 +168,6 @@ def run_sweep(
                 cfg = cfg.model_copy(update={"overwrite": True})
                 log.info("sweep %d/%d: training %s", i, len(configs), cfg.output_dir.name)
             train(cfg)
-        evals.append(evaluate_run(cfg.output_dir, **(eval_kwargs or {})))
+        evals.append(evaluate_run(cfg.output_dir, shared_base=out / "base-eval", **(eval_kwargs or {})))
     write_judge_agreement(evals, out)
     return write_report(evals, out, f"Sweep report: {config_file.name}")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -229,8 +230,13 @@ def evaluate_run(
     steps: int = 25,
     learned: Any | None = None,
     scorers: list[Scorer] | None = None,
+    shared_base: Path | None = None,
 ) -> RunEvaluation:
-    """Evaluate every model of `run` (resumable) and write RUN/eval/metrics.json."""
+    """Evaluate every model of `run` (resumable) and write RUN/eval/metrics.json.
+
+    ``shared_base``: a folder where the base model's images and scores are kept for other runs
+    with the same base, instance images and settings (a sweep's runs share one base evaluation).
+    """
     config_path = run / "config.yaml"
     if not config_path.is_file():
         raise UserError(f"'{run}' is not a run folder (no config.yaml); pass the --output-dir of a training run")
@@ -262,6 +268,11 @@ def evaluate_run(
             scores_file = folder / "scores.json"
             weights = config["base_model"] if spec == "base" else str(run / "model" if spec is None else run / "checkpoints" / spec)
             identity = hashlib.sha256(json.dumps(model_identity(weights), sort_keys=True, default=str).encode()).hexdigest()
+            shared = None
+            if spec == "base" and shared_base is not None:
+                shared = shared_base / _base_key(identity, settings, instance_paths)
+                if not scores_file.is_file() and (shared / "scores.json").is_file():
+                    shutil.copytree(shared, folder, dirs_exist_ok=True)
             cached = json.loads(scores_file.read_text()) if scores_file.is_file() else None
             metrics = None
             if (
@@ -301,6 +312,8 @@ def evaluate_run(
                           "scorers": scorer.extra_names, "learned": scorer.learned_id, "metrics": metrics}
                 tmp.write_text(json.dumps(record, indent=1))
                 os.replace(tmp, scores_file)
+            if shared is not None and not (shared / "scores.json").is_file():
+                shutil.copytree(folder, shared, dirs_exist_ok=True)
             points.append(Point(step, name, metrics))
             if bar:
                 bar.advance(0)
@@ -320,6 +333,12 @@ def evaluate_run(
     result = RunEvaluation(run, points, choice, alarm, dict(scorer.skipped), settings, agreement)
     write_summary(result)
     return result
+
+
+def _base_key(identity: str, settings: "EvalSettings", instance_paths: list[Path]) -> str:
+    """Names a shared base evaluation: the same weights, settings and instance images give the same scores."""
+    instances = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in instance_paths)
+    return hashlib.sha256(json.dumps([identity, settings.key(), instances]).encode()).hexdigest()[:16]
 
 
 def _load_images(folder: Path, prompts: PromptSet, seeds: list[int]) -> dict[str, list[Image.Image]]:
