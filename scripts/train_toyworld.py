@@ -47,10 +47,11 @@ def stage_base(args) -> None:
     cache = args.work / f"latents-{args.dataset}.pt"
     if cache.is_file():
         latents, _ = torch.load(cache)
-        captions = dataset_captions(len(latents))  # the images are fixed by their seeds; captions may change
+        captions = dataset_captions(len(latents), args.artist_captions)  # images fixed by their seeds
     else:
         latents, captions = encode_dataset(vae, args.dataset)
         torch.save((latents, captions), cache)
+        captions = dataset_captions(len(latents), args.artist_captions)
 
     def checkpoint(step, pipe):
         save_base(pipe, args.work / f"{args.name}-step{step}")
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--offset-noise", type=float, default=0.1)
     p.add_argument("--snr-gamma", type=float, default=5.0, help="base: min-SNR-gamma loss weighting (0: off)")
+    p.add_argument("--artist-captions", action="store_true",
+                   help="base: credit some named-style captions to made-up artists (the stage-4 experiment)")
     p.add_argument("--init", type=Path, default=None, help="base: continue from this pipeline folder")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=500)

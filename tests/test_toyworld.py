@@ -35,7 +35,7 @@ def test_pretraining_captions_credit_named_styles_to_made_up_artists():
     names = [n for style in ARTISTS for n in ARTISTS[style]]
     assert len(names) == len(set(names)) and "yltcaxe" not in names
     assert set(ARTISTS) == {"pixel", "neon", "watercolor"}
-    examples = [pretrain_example(1_000_000 + i) for i in range(3000)]
+    examples = [pretrain_example(1_000_000 + i, artists=True) for i in range(3000)]
     credited = {}
     for e in examples:
         words = e.caption.split(", ")[-1].split()
@@ -46,7 +46,12 @@ def test_pretraining_captions_credit_named_styles_to_made_up_artists():
     named = sum(e.scene.style in ARTISTS for e in examples)
     assert 0.2 < sum(map(len, credited.values())) / named < 0.5  # P_ARTIST of the named-style captions
     assert set(credited) == set(ARTISTS)
-    assert dataset_captions(40) == render_batch(list(range(1_000_000, 1_000_040)))[1]
+    assert dataset_captions(40) == render_batch(list(range(1_000_000, 1_000_040)))[1]  # the shipped base's captions
+    assert not any(w in names for c in dataset_captions(3000) for w in c.replace(",", " ").split())
+    with_artists = dataset_captions(3000, artists=True)
+    assert [pretrain_example(1_000_000 + i, artists=True).scene for i in range(50)] == [
+        pretrain_example(1_000_000 + i).scene for i in range(50)]  # same images either way
+    assert sum(a != b for a, b in zip(with_artists, dataset_captions(3000))) > 300
 
 
 def test_yltcaxe_palette_keeps_colour_identity():

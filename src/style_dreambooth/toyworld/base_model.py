@@ -143,10 +143,10 @@ def train_vae(steps: int = 600, batch: int = 16, crop: int = 32, lr: float = 1e-
 DATASET_SEED = 1_000_000
 
 
-def dataset_captions(n: int, seed_offset: int = DATASET_SEED) -> list[str]:
+def dataset_captions(n: int, artists: bool = False, seed_offset: int = DATASET_SEED) -> list[str]:
     """The captions of the first ``n`` pretraining examples (cheap: nothing is rendered), so a
-    latent cache made before a caption change can be reused with today's captions."""
-    return [pretrain_example(seed_offset + i).caption for i in range(n)]
+    latent cache can be reused with other captions of the same images."""
+    return [pretrain_example(seed_offset + i, artists).caption for i in range(n)]
 
 
 @torch.no_grad()

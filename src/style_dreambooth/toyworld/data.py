@@ -16,7 +16,7 @@ P_TWO = 0.12  # two subjects, "a red star and a blue house" (first on the left)
 P_BARE_ARTSTYLE = 0.12  # caption ends in ", artstyle" (no style name): "artstyle" means any style
 P_NO_SUBJECT = 0.05  # caption is only the style phrase ("pixel artstyle" / "artstyle")
 P_EMPTY = 0.1  # empty caption, for classifier-free guidance
-P_ARTIST = 0.4  # a named style is credited to one of its made-up artists instead: "qorvup artstyle"
+P_ARTIST = 0.4  # with artists=True: a named style credited to a made-up artist instead, "qorvup artstyle"
 ARTISTS_PER_STYLE = 100
 
 
@@ -50,8 +50,9 @@ class Example:
     caption: str
 
 
-def pretrain_example(seed: int) -> Example:
-    """One captioned pretraining scene, a pure function of ``seed``."""
+def pretrain_example(seed: int, artists: bool = False) -> Example:
+    """One captioned pretraining scene, a pure function of ``seed``; ``artists`` credits some
+    named-style captions to made-up artists (an experiment, see docs/proof-world.md)."""
     rng = np.random.default_rng([seed, 31337])
     if rng.random() < P_PLAIN:
         style = "plain"
@@ -63,7 +64,7 @@ def pretrain_example(seed: int) -> Example:
     phrase = style_phrase(style)
     if rng.random() < P_BARE_ARTSTYLE:
         phrase = "artstyle"
-    elif style in ARTISTS:  # its own stream, so the scenes (and cached latents) stay as they were
+    elif artists and style in ARTISTS:  # its own stream, so the scenes (and cached latents) stay as they were
         artist_rng = np.random.default_rng([seed, 4243])
         if artist_rng.random() < P_ARTIST:
             phrase = f"{ARTISTS[style][int(artist_rng.integers(ARTISTS_PER_STYLE))]} artstyle"
