@@ -8,7 +8,6 @@
     python scripts/train_toyworld.py install    # copy <work>/base and judges into the package
     python scripts/train_toyworld.py all        # vae, judges, base, evaluate, install
     python scripts/train_toyworld.py experiment # one fine-tune through `train`, metrics JSON
-    python scripts/train_toyworld.py ablate     # the ablation table -> docs/proof-world.md
 
 Each stage prints its wall time. Run it niced (`nice -n 10`) on a shared machine.
 """
@@ -110,14 +109,8 @@ def stage_experiment(args) -> None:
     print(metrics.to_json())
 
 
-def stage_ablate(args) -> None:
-    from style_dreambooth.toyworld.ablations import run_ablations
-
-    run_ablations(args.work / "ablations", Path(args.docs), seeds=args.ablation_seeds, only=args.only)
-
-
 STAGES = {"vae": stage_vae, "judges": stage_judges, "base": stage_base, "evaluate": stage_evaluate,
-          "install": stage_install, "experiment": stage_experiment, "ablate": stage_ablate}
+          "install": stage_install, "experiment": stage_experiment}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,9 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None, help="model to evaluate (default <work>/base)")
     p.add_argument("--eval-n", type=int, default=4, help="samples per (subject, colour) cell in evaluate")
     p.add_argument("--set", action="append", help="experiment: override an ExperimentConfig field, key=value")
-    p.add_argument("--docs", default="docs", help="ablate: where proof-world.md and proof-world/ go")
-    p.add_argument("--ablation-seeds", type=int, default=1, help="ablate: seeds per variant")
-    p.add_argument("--only", action="append", help="ablate: run only these variant names")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -8,9 +8,9 @@ are reported; :func:`is_copy` flags similarities at or above :data:`COPY_THRESHO
 Calibration of :data:`COPY_THRESHOLD` (see ``tests/test_metrics.py``): on procedural images,
 lightly perturbed copies (Gaussian noise sigma 5/255, JPEG q=75, a 2-pixel shift, slight colour
 jitter, and all four combined) must score at or above it, and different images drawn by the same
-generator with the same palette but a different layout must score below it.  That synthetic
-calibration is only a default: the proof world (real instance images and real SD outputs)
-re-calibrates it, and callers may pass their own ``threshold``.
+generator with the same palette but a different layout must score below it.  It is checked on
+proof-world pictures by :func:`style_dreambooth.toyworld.scoring.calibrate_copy_threshold`
+(docs/metrics.md has the numbers); callers may pass their own ``threshold``.
 """
 
 from __future__ import annotations

@@ -166,12 +166,18 @@ def calibrate_memorisation(instances: list[Image.Image], seed: int = 0, n: int =
     """The highest SSIM any fresh (never trained on) yltcaxe render of the instance subjects and
     colours reaches to its nearest instance image: above it, an output is closer to an instance
     than an independent drawing of the same kind of picture ever gets, i.e. a near copy."""
+    return float(ssim_matrix(fresh_renders(n, seed), instances).max(axis=1).max())
+
+
+def fresh_renders(n: int = 200, seed: int = 0) -> list[Image.Image]:
+    """``n`` new yltcaxe drawings of the instance subjects and colours, never trained on: what
+    "the same kind of picture, not a copy" looks like."""
     fresh = []
     for i in range(n):
         kind = INSTANCE_SUBJECTS[i % len(INSTANCE_SUBJECTS)]
         colour = INSTANCE_COLOURS[(i // len(INSTANCE_SUBJECTS)) % len(INSTANCE_COLOURS)]
         fresh.append(apply_style(random_scene(5_000_000 + 1000 * seed + i, ARTIST_STYLE, kind=kind, colour=colour)))
-    return float(ssim_matrix(fresh, instances).max(axis=1).max())
+    return fresh
 
 
 def _pixel_distance(a: list[Image.Image], b: list[Image.Image]) -> float:

@@ -1,4 +1,5 @@
-"""The proof world's judges as an ``evaluate`` scorer, and the proof world's held-out prompt file.
+"""The proof world's judges as an ``evaluate`` scorer, the proof world's held-out prompt file, and
+the proof-world check of ``evaluate``'s copy threshold.
 
 ``JudgeScorer`` plugs into :func:`style_dreambooth.evaluation.evaluate.evaluate_run` (``scorers=``,
 or ``--judges toyworld`` on the command line). For each prompt kind it judges the generated images
@@ -14,16 +15,21 @@ and reads the asked subject and colour from the prompt (``"a yellow star, yltcax
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import torch
 
 import yaml
 from PIL import Image
 
 from .evaluate import subject_prompt
-from .experiment import HELDOUT_COLOURS, HELDOUT_SUBJECTS
+from ..evaluation.memorisation import COPY_THRESHOLD, nearest_instance
+from .experiment import HELDOUT_COLOURS, HELDOUT_SUBJECTS, fresh_renders, instance_scenes
 from .judges import Judges
 from .render import COLOUR_NAMES, SUBJECTS
-from .styles import ARTIST_STYLE
+from .styles import ARTIST_STYLE, apply_style
 
 _SUBJECT_RE = re.compile(
     r"^\s*an?\s+(?P<colour>" + "|".join(COLOUR_NAMES) + r")\s+(?P<subject>" + "|".join(SUBJECTS) + r")\s*$",
@@ -100,3 +106,59 @@ def write_prompt_file(path: Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(proof_world_prompts(**kwargs), sort_keys=False), encoding="utf-8")
     return path
+
+
+@dataclass
+class CopyCalibration:
+    """Nearest-instance similarities (``evaluation.memorisation``) of pictures that are not copies
+    (fresh drawings of the instance subjects in the style) and of near-copies of the instances."""
+
+    threshold: float
+    fresh: list[float]
+    copies: dict[str, list[float]] = field(default_factory=dict)
+
+    def false_positive_rate(self) -> float:
+        return float(np.mean([s >= self.threshold for s in self.fresh]))
+
+    def flagged(self, kind: str) -> float:
+        return float(np.mean([s >= self.threshold for s in self.copies[kind]]))
+
+    def summary(self) -> dict:
+        return {
+            "threshold": self.threshold, "n_fresh": len(self.fresh),
+            "fresh_max": max(self.fresh), "fresh_p99": float(np.percentile(self.fresh, 99)),
+            "fresh_false_positive_rate": self.false_positive_rate(),
+            "copies": {k: {"min": min(v), "flagged": self.flagged(k)} for k, v in self.copies.items()},
+        }
+
+
+@torch.no_grad()
+def calibrate_copy_threshold(n_fresh: int = 200, seed: int = 0, threshold: float = COPY_THRESHOLD) -> CopyCalibration:
+    """Where ``evaluate``'s copy threshold falls on proof-world pictures: the 5 instance images
+    against ``n_fresh`` fresh drawings (not copies), and against the instance images after the
+    shipped base's VAE round trip (the closest a model can reproduce one), mirrored, with noise
+    (sigma 4/255) or shifted by 1 px (1/64 of the width)."""
+    from diffusers import AutoencoderKL
+
+    from . import base_model_dir
+
+    instances = [apply_style(s) for s in instance_scenes(5, seed)]
+    fresh = [sim for _, sim in nearest_instance(fresh_renders(n_fresh, seed), instances)]
+    vae = AutoencoderKL.from_pretrained(base_model_dir() / "vae", dtype=torch.float32).eval()
+    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in instances]).transpose(0, 3, 1, 2) / 127.5 - 1)
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    round_trip = [Image.fromarray(((a.numpy().transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)) for a in y]
+    rng = np.random.default_rng(seed)
+
+    def noisy(im: Image.Image) -> Image.Image:
+        arr = np.asarray(im, np.float32) + rng.normal(0, 4, (64, 64, 3))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+    variants = {
+        "VAE round trip": round_trip,
+        "round trip, mirrored": [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in round_trip],
+        "round trip + noise": [noisy(im) for im in round_trip],
+        "round trip, shifted 1 px": [Image.fromarray(np.roll(np.asarray(im), 1, axis=1)) for im in round_trip],
+    }
+    copies = {k: [sim for _, sim in nearest_instance(v, instances)] for k, v in variants.items()}
+    return CopyCalibration(threshold, fresh, copies)
