@@ -53,3 +53,17 @@ def test_warns_when_no_checkpoint_beats_the_base():
     assert "no checkpoint is closer" in choose_checkpoint(points).reason
     points[2].metrics["style_distance"] = 1.5
     assert "no checkpoint is closer" not in choose_checkpoint(points).reason
+
+
+def test_alarm_fires_when_style_overshoots_and_diversity_collapses():
+    # Measured in the proof world with lr x4: the style peaks early, then drifts while every
+    # prompt collapses to the same picture.
+    points = curve([
+        (0, {"style_distance": 5.23, "diversity": 0.73, "prompt_fidelity": 0.38}),
+        (250, {"style_distance": 3.43, "diversity": 0.59, "prompt_fidelity": 0.0, "copy_rate": 0.0}),
+        (500, {"style_distance": 3.73, "diversity": 0.34, "prompt_fidelity": 0.0, "copy_rate": 0.0}),
+    ])
+    choice = choose_checkpoint(points)
+    assert choice.step == 250
+    alarm = overfitting_alarm(points, choice)
+    assert alarm.fired and alarm.step == 500 and "diversity fell from 0.590 to 0.340" in alarm.reasons[0]

@@ -8,9 +8,10 @@ The rule (documented in docs/metrics.md):
 3. The choice is the earliest saturated candidate: past that point more steps buy no style, only
    risk (lost prompt fidelity and diversity, memorisation).
 
-The overfitting alarm fires at the first later checkpoint whose style is still saturated but whose
-diversity fell by more than 20%, whose prompt fidelity fell by more than 0.02, or whose copy rate
-rose, relative to the chosen checkpoint.
+The overfitting alarm fires at the first later checkpoint (past saturation, more steps bought no
+style) whose diversity fell by more than 20%, whose prompt fidelity fell by more than 0.02, or whose
+copy rate rose, relative to the chosen checkpoint. A later checkpoint whose style drifted away again
+counts too: a too-high learning rate can overshoot the style while diversity collapses.
 """
 
 from __future__ import annotations
@@ -88,13 +89,9 @@ def choose_checkpoint(points: list[Point]) -> Choice:
 
 
 def overfitting_alarm(points: list[Point], choice: Choice) -> Alarm:
-    """Check later checkpoints for lost diversity or fidelity, or new copies, at saturated style."""
+    """Check the checkpoints after the chosen one for lost diversity or fidelity, or new copies."""
     chosen = next(p for p in points if p.step == choice.step)
-    limit = _saturation_limit(points)
     for p in sorted((p for p in points if p.step > choice.step), key=lambda p: p.step):
-        style = p.get("style_distance")
-        if style is None or style > limit:
-            continue
         reasons = []
         d0, d1 = chosen.get("diversity"), p.get("diversity")
         if d0 is not None and d1 is not None and d0 > 0 and d1 < (1 - DIVERSITY_DROP) * d0:
