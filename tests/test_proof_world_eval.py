@@ -228,3 +228,37 @@ def test_copy_threshold_holds_on_proof_world_pictures():
         assert cal.flagged(kind) == 1.0, (kind, cal.copies[kind])
     assert cal.false_positive_rate() <= 0.02, cal.summary()
     assert np.median(cal.fresh) < cal.threshold - 0.2  # typical fresh drawings are far below it
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_proof_world_sweep_tables_and_wall_time():
+    from types import SimpleNamespace
+
+    script = _load_script("proof_world_sweep")
+    # Two invocations side by side (one per core), then a short re-read: wall time is their union.
+    history = [{"date": "2026-11-26T15:54:28", "seconds": 1647.1}, {"date": "2026-11-26T15:54:34", "seconds": 1592.3},
+               {"date": "2026-11-26T16:00:56", "seconds": 6.6}]
+    # first starts at 15:27:00.9 and the second ends 6 s after it: 1653.1 s, then 6.6 s more
+    assert script.wall_seconds(history) == pytest.approx(1647.1 + 6 + 6.6, abs=0.2)
+    assert script.wall_seconds(history[:1] + history[2:]) == pytest.approx(1647.1 + 6.6, abs=0.2)
+
+    def run(name, steps):
+        points = [Point(s, "base" if s == 0 else f"step-{s:06d}", {"judge_style_hit": s / 1000}) for s in steps]
+        return SimpleNamespace(run=Path(name), points=points)
+
+    lines = script.ablation_tables([run("default", [0, 250, 500, 1000]), run("lr-low", [0, 250, 500]),
+                                    run("short", [0, 250])], step=500)
+    text = "\n".join(lines)
+    assert "### Every run at step 500" in text and "| base model (step 0) |" in text
+    assert "| default | - | 0.500 |" in text and "| lr-low | - | 0.500 |" in text
+    assert "| short | no model at step 500 |" in text
+    assert text.count("### Steps: every checkpoint of") == 1 and "| step 1000 | - | 1.000 |" in text
