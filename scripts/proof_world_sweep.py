@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         config_file = out / "base.yaml"
         config_file.write_text(yaml.safe_dump(base_config(out, work, args.steps, args.checkpoint_every,
                                                           args.adam == "8bit"), sort_keys=False), encoding="utf-8")
-        if runs:
+        if runs and args.runs.resolve() != (out / "runs.yaml").resolve():
             shutil.copy2(args.runs, out / "runs.yaml")
         run_sweep(config_file, grid, work, runs=runs, eval_kwargs={
             "prompt_file": prompt_file, "seeds": seeds, "steps": args.sample_steps, "learned": None,

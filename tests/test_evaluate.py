@@ -141,8 +141,21 @@ def test_sweep_runs_file_names_variants_and_combines_with_grid(tmp_path, tiny_mo
     assert [name for name, _ in plan][:2] == ["default__learning_rate=0.001", "default__learning_rate=0.002"]
     assert plan[3][1] == {"train_text_encoder": False, "learning_rate": 2e-3}
 
+    # A stored image lost from a run's evaluation (e.g. an interrupted copy) is generated again, not a crash.
+    lost = sorted((out / "runs" / "frozen-te" / "eval" / "base").glob("*.png"))[0]
+    lost.unlink()
+    code, _, err = run_cli(capsys, "sweep", "--config", base, "--runs", variants, "--out", out,
+                           "--seeds", "0", "--steps", "2", "--clip", "none", "--dino", "none")
+    assert code == 0, err
+    assert lost.is_file()
+    code, _, err = run_cli(capsys, "sweep", "--config", base, "--runs", variants, "--grid", "train_text_encoder=true",
+                           "--out", out)
+    assert code == 2 and "frozen-te" in err and "train_text_encoder" in err
+
     for text, needle in (("- just a list\n", "must map run names"), ("a: {learning_rat: 1}\n", "learning_rat"),
-                         ("a: 3\n", "run 'a'"), ("a: [\n", "not valid YAML"), ("a: {output_dir: x}\n", "output_dir")):
+                         ("a: 3\n", "run 'a'"), ("a: [\n", "not valid YAML"), ("a: {output_dir: x}\n", "output_dir"),
+                         ("a: {}\nb: {}\na: {learning_rate: 1}\n", "'a' appears twice"),
+                         ("'..': {}\n", "not a usable folder name"), ("A: {}\na: {}\n", "clashes")):
         variants.write_text(text)
         code, _, err = run_cli(capsys, "sweep", "--config", base, "--runs", variants, "--out", out)
         assert code == 2 and needle in err, (text, err)

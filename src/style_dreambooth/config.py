@@ -183,12 +183,26 @@ def normalize_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: Path, what: str = "config file") -> Any:
-    """The YAML in ``path``; a missing file or bad syntax is a one-line UserError naming ``what``."""
+    """The YAML in ``path``; a missing file, bad syntax or a repeated key is a one-line UserError naming ``what``."""
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{what} '{path}' is not valid YAML ({first}); fix the syntax") from None

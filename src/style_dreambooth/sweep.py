@@ -77,9 +77,11 @@ def read_runs_file(path: Path) -> dict[str, dict[str, Any]]:
     runs: dict[str, dict[str, Any]] = {}
     for name, overrides in data.items():
         label = _safe_name(str(name).strip())
-        if not label.strip("-"):
-            raise UserError(f"run name {name!r} in '{path}' is empty; name each run")
-        if label in runs:
+        if not label.strip("-."):
+            raise UserError(f"run name {name!r} in '{path}' is not a usable folder name; use letters or digits")
+        if label.startswith("."):
+            raise UserError(f"run name {name!r} in '{path}' starts with a dot; folders of runs must be visible")
+        if label.lower() in {r.lower() for r in runs}:
             raise UserError(f"run name '{name}' in '{path}' clashes with another one as folder name '{label}'")
         if overrides is None:
             overrides = {}
@@ -94,10 +96,24 @@ def sweep_plan(grid: dict[str, list[Any]], runs: dict[str, dict[str, Any]] | Non
     """(folder name, overrides) of every run: each named run (or the base) x each grid combination."""
     combos = grid_combos(grid)
     if not runs:
-        return [(run_name(c), c) for c in combos]
-    if not grid:
-        return list(runs.items())
-    return [(f"{name}__{run_name(c)}", {**over, **c}) for name, over in runs.items() for c in combos]
+        plan = [(run_name(c), c) for c in combos]
+    elif not grid:
+        plan = list(runs.items())
+    else:
+        for name, over in runs.items():
+            shared = sorted(set(over) & set(grid))
+            if shared:
+                raise UserError(f"run '{name}' sets '{shared[0]}', which --grid also varies; drop one of them")
+        plan = [(f"{name}__{run_name(c)}", {**over, **c}) for name, over in runs.items() for c in combos]
+    folders: dict[str, dict[str, Any]] = {}
+    for name, over in plan:
+        if name.lower() in folders and folders[name.lower()] == over:
+            raise UserError(f"the sweep asks for the same run twice ('{name}'); list each value once")
+        if name.lower() in folders:
+            raise UserError(f"two runs of the sweep would share the folder '{name}' ({folders[name.lower()]} and "
+                            f"{over}); give values that differ after spaces and symbols become '-'")
+        folders[name.lower()] = over
+    return plan
 
 
 def _check_same_run(run: RunFolder, cfg) -> None:

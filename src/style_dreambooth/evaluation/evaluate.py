@@ -253,6 +253,8 @@ def evaluate_run(
     if len(instances) < 2:
         raise UserError(f"instance dir '{config['instance_dir']}' needs at least 2 images to measure style spread")
     scorer = Scorers(instances, learned, scorers or [])
+    instances_hash = hashlib.sha256("".join(
+        sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in instance_paths)).encode()).hexdigest()[:16]
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", None)
@@ -267,14 +269,19 @@ def evaluate_run(
             folder = eval_dir / name
             scores_file = folder / "scores.json"
             weights = config["base_model"] if spec == "base" else str(run / "model" if spec is None else run / "checkpoints" / spec)
-            identity = hashlib.sha256(json.dumps(model_identity(weights), sort_keys=True, default=str).encode()).hexdigest()
+            fingerprint: Any = model_identity(weights)
+            if spec == "base":  # what load_run_base reads besides the weights
+                fingerprint = {"weights": model_identity(weights, config.get("revision")),
+                               "base_config": config.get("base_config")}
+            identity = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
             shared = None
             if spec == "base" and shared_base is not None:
-                shared = shared_base / _base_key(identity, settings, instance_paths)
+                shared = shared_base / _base_key(identity, settings, instances_hash)
                 if not scores_file.is_file() and (shared / "scores.json").is_file():
-                    shutil.copytree(shared, folder, dirs_exist_ok=True)
+                    _adopt(shared, folder)
             cached = json.loads(scores_file.read_text()) if scores_file.is_file() else None
             metrics = None
+            images = None
             if (
                 cached
                 and cached.get("settings") == settings.key()
@@ -282,9 +289,12 @@ def evaluate_run(
                 and cached.get("model") == identity
             ):
                 images = _load_images(folder, prompts, settings.seeds)
-                if cached.get("scorers", []) == scorer.extra_names and cached.get("learned") == scorer.learned_id:
+                if images is None:
+                    log.warning("stored images of %s are incomplete; generating them again", folder)
+                elif (cached.get("scorers", []) == scorer.extra_names and cached.get("learned") == scorer.learned_id
+                      and cached.get("instances") == instances_hash):
                     metrics = cached["metrics"]
-            else:
+            if images is None:
                 if spec == "base":
                     pipe = load_run_base(config, dtype)
                 else:
@@ -309,11 +319,12 @@ def evaluate_run(
                 metrics = scorer.score(images, prompts.by_kind(), len(settings.seeds), base_class)
                 tmp = scores_file.with_name(".scores.json.tmp")
                 record = {"settings": settings.key(), "model": identity, "n_images": n_images,
-                          "scorers": scorer.extra_names, "learned": scorer.learned_id, "metrics": metrics}
+                          "scorers": scorer.extra_names, "learned": scorer.learned_id, "instances": instances_hash,
+                          "metrics": metrics}
                 tmp.write_text(json.dumps(record, indent=1))
                 os.replace(tmp, scores_file)
             if shared is not None and not (shared / "scores.json").is_file():
-                shutil.copytree(folder, shared, dirs_exist_ok=True)
+                _publish(folder, shared)
             points.append(Point(step, name, metrics))
             if bar:
                 bar.advance(0)
@@ -335,19 +346,42 @@ def evaluate_run(
     return result
 
 
-def _base_key(identity: str, settings: "EvalSettings", instance_paths: list[Path]) -> str:
+def _base_key(identity: str, settings: "EvalSettings", instances_hash: str) -> str:
     """Names a shared base evaluation: the same weights, settings and instance images give the same scores."""
-    instances = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in instance_paths)
-    return hashlib.sha256(json.dumps([identity, settings.key(), instances]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([identity, settings.key(), instances_hash]).encode()).hexdigest()[:16]
 
 
-def _load_images(folder: Path, prompts: PromptSet, seeds: list[int]) -> dict[str, list[Image.Image]]:
+def _publish(folder: Path, shared: Path) -> None:
+    """Copy a finished base evaluation to the shared place in one step (a reader never sees half)."""
+    tmp = shared.with_name(f".{shared.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp)
+    try:
+        os.replace(tmp, shared)
+    except OSError:  # another sweep published it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _adopt(shared: Path, folder: Path) -> None:
+    """Copy a shared base evaluation into a run, its scores last (they vouch for the images)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in shared.iterdir():
+        if f.name != "scores.json":
+            shutil.copy2(f, folder / f.name)
+    shutil.copy2(shared / "scores.json", folder / "scores.json")
+
+
+def _load_images(folder: Path, prompts: PromptSet, seeds: list[int]) -> dict[str, list[Image.Image]] | None:
+    """The stored images of one evaluated model, or None when any is missing or unreadable."""
     out: dict[str, list[Image.Image]] = {}
-    for kind, kind_prompts in prompts.by_kind().items():
-        out[kind] = [
-            Image.open(folder / f"{kind}-{i:02d}-{s:04d}.png").convert("RGB")
-            for i in range(len(kind_prompts)) for s in seeds
-        ]
+    try:
+        for kind, kind_prompts in prompts.by_kind().items():
+            out[kind] = [
+                Image.open(folder / f"{kind}-{i:02d}-{s:04d}.png").convert("RGB")
+                for i in range(len(kind_prompts)) for s in seeds
+            ]
+    except (OSError, ValueError):
+        return None
     return out
 
 
