@@ -46,11 +46,10 @@ def stage_base(args) -> None:
     cache = args.work / f"latents-{args.dataset}.pt"
     if cache.is_file():
         latents, _ = torch.load(cache)
-        captions = dataset_captions(len(latents), args.artist_captions)  # images fixed by their seeds
     else:
-        latents, captions = encode_dataset(vae, args.dataset)
-        torch.save((latents, captions), cache)
-        captions = dataset_captions(len(latents), args.artist_captions)
+        latents, default_captions = encode_dataset(vae, args.dataset)
+        torch.save((latents, default_captions), cache)
+    captions = dataset_captions(len(latents), args.artist_captions)  # the images are fixed by their seeds
 
     def checkpoint(step, pipe):
         save_base(pipe, args.work / f"{args.name}-step{step}")
