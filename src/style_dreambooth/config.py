@@ -91,6 +91,9 @@ class TrainConfig(BaseModel):
     train_batch_size: int = Field(1, ge=1, description="Instance images per step (as many class images are added).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    cache_latents: bool = Field(
+        True, description="Encode each training image's VAE latents once and reuse them (off: encode every step)."
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
         None, description="no, fp16 or bf16; default fp16 on a CUDA GPU, no on CPU."
     )

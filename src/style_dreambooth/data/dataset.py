@@ -49,9 +49,10 @@ def _stream_rng(seed: int, *words: int) -> np.random.Generator:
 class ImageBank:
     """Decoded, resized images held in memory (a DreamBooth set is a few dozen images)."""
 
-    def __init__(self, examples: list[Example], resolution: int) -> None:
+    def __init__(self, examples: list[Example], resolution: int, name: str = "images") -> None:
         self.examples = examples
         self.resolution = resolution
+        self.name = name
         self._images = [self._resize(load_image(e.path)) for e in examples]
 
     def _resize(self, image: Image.Image) -> np.ndarray:
@@ -63,17 +64,44 @@ class ImageBank:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def pixels(self, index: int, center_crop: bool, rng: np.random.Generator) -> torch.Tensor:
-        """A (3, R, R) tensor in [-1, 1], center-cropped or randomly cropped with `rng`."""
-        arr = self._images[index]
-        h, w = arr.shape[:2]
+    def fixed_crop(self, index: int, center_crop: bool) -> tuple[int, int] | None:
+        """(top, left) when the crop of this image never varies: center crop, or already R x R."""
+        h, w = self._images[index].shape[:2]
         r = self.resolution
-        if center_crop:
-            top, left = (h - r) // 2, (w - r) // 2
-        else:
-            top, left = int(rng.integers(0, h - r + 1)), int(rng.integers(0, w - r + 1))
-        crop = arr[top : top + r, left : left + r]
-        return torch.from_numpy(crop.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        if center_crop or (h == r and w == r):
+            return (h - r) // 2, (w - r) // 2
+        return None
+
+    def crop(self, index: int, center_crop: bool, rng: np.random.Generator) -> "Crop":
+        """The crop of one sample: fixed, or drawn with `rng`."""
+        box = self.fixed_crop(index, center_crop)
+        if box is None:
+            h, w = self._images[index].shape[:2]
+            box = int(rng.integers(0, h - self.resolution + 1)), int(rng.integers(0, w - self.resolution + 1))
+        return Crop(self, index, *box)
+
+    def pixels(self, crop: "Crop") -> torch.Tensor:
+        """A (3, R, R) tensor in [-1, 1]."""
+        r = self.resolution
+        arr = self._images[crop.index][crop.top : crop.top + r, crop.left : crop.left + r]
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One training image as the model sees it: which image of which bank, cut where."""
+
+    bank: ImageBank
+    index: int
+    top: int
+    left: int
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        return self.bank.name, self.index, self.top, self.left
+
+    def pixels(self) -> torch.Tensor:
+        return self.bank.pixels(self)
 
 
 class SampleOrder:
@@ -105,9 +133,13 @@ def sample_numbers(step: int, micro: int, accum: int, world: int, rank: int, bat
 
 @dataclass
 class Batch:
-    pixels: torch.Tensor
+    crops: list[Crop]
     prompts: list[str]
     n_instance: int
+
+    def pixels(self) -> torch.Tensor:
+        """(B, 3, R, R) in [-1, 1]; built on demand, since cached latents make it unneeded."""
+        return torch.stack([c.pixels() for c in self.crops])
 
 
 def make_batch(
@@ -119,14 +151,14 @@ def make_batch(
     center_crop: bool,
 ) -> Batch:
     """Instance samples first, then (with prior preservation) as many class samples."""
-    pixels, prompts = [], []
+    crops, prompts = [], []
     for k in numbers:
         i = instance_order.index(k)
-        pixels.append(instances.pixels(i, center_crop, instance_order.crop_rng(k)))
+        crops.append(instances.crop(i, center_crop, instance_order.crop_rng(k)))
         prompts.append(instances.examples[i].prompt)
     if classes is not None and class_order is not None:
         for k in numbers:
             i = class_order.index(k)
-            pixels.append(classes.pixels(i, center_crop, class_order.crop_rng(k)))
+            crops.append(classes.crop(i, center_crop, class_order.crop_rng(k)))
             prompts.append(classes.examples[i].prompt)
-    return Batch(torch.stack(pixels), prompts, len(numbers))
+    return Batch(crops, prompts, len(numbers))

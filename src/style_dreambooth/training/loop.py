@@ -21,6 +21,7 @@ from ..config import TrainConfig
 from ..data.class_cache import ClassImageSpec, default_cache_root, ensure_class_images
 from ..data.dataset import ImageBank, SampleOrder, class_examples, instance_examples, make_batch, sample_numbers
 from ..data.images import IMAGE_EXTENSIONS, list_images
+from ..data.latent_cache import LatentEncoder
 from ..errors import UserError
 from ..models.backbone import assemble_pipeline, encode_prompts, prediction_type
 from ..models.loading import load_run_base, model_identity
@@ -213,8 +214,8 @@ def _train(cfg: TrainConfig) -> Path:
     classes = None
     if cfg.with_prior_preservation:
         class_paths = class_image_paths(cfg, class_prompt, accelerator, weight_dtype)
-        classes = ImageBank(class_examples(class_paths, class_prompt), cfg.resolution)
-    instances = ImageBank(instance_examples(instance_paths, cfg.instance_prompt), cfg.resolution)
+        classes = ImageBank(class_examples(class_paths, class_prompt), cfg.resolution, name="class")
+    instances = ImageBank(instance_examples(instance_paths, cfg.instance_prompt), cfg.resolution, name="instance")
 
     from diffusers import DDPMScheduler
 
@@ -225,6 +226,12 @@ def _train(cfg: TrainConfig) -> Path:
     unet, text_encoder = base.unet, base.text_encoder
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtype=weight_dtype)
+    encoder = LatentEncoder(vae, accelerator.device, weight_dtype, cache=cfg.cache_latents)
+    banks = [instances] + ([classes] if classes is not None else [])
+    fixed = sum(1 for b in banks for i in range(len(b)) if b.fixed_crop(i, cfg.center_crop) is not None)
+    if cfg.cache_latents and fixed:
+        with progress_bar("caching latents", fixed, enabled=main) as bar:
+            encoder.precompute(banks, cfg.center_crop, report=(lambda n: bar.update(0, completed=n)) if bar else None)
     torch.manual_seed(cfg.seed)  # LoRA's initial weights
     trainables = make_trainables(cfg, unet, text_encoder, model_identity(cfg.base_model, cfg.revision))
     if checkpoint is not None:
@@ -314,9 +321,8 @@ def _train(cfg: TrainConfig) -> Path:
                 gen = torch.Generator(device=accelerator.device).manual_seed(step_seed)
                 torch.manual_seed(step_seed)  # dropout (e.g. --lora-dropout) draws from the global RNG
                 with accelerator.accumulate(*trained.values()):
-                    pixels = batch.pixels.to(accelerator.device, dtype=weight_dtype)
                     with torch.no_grad():
-                        dist = vae.encode(pixels).latent_dist
+                        dist = encoder.latent_dist(batch)
                         latents = (dist.sample(generator=gen) * vae.config.scaling_factor).float()
                     noise = torch.randn(latents.shape, generator=gen, device=latents.device)
                     if cfg.offset_noise:
