@@ -26,14 +26,16 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def reference_losses(model: Path, instance_dir: Path, class_dir: Path, steps: int, seed: int = 1337) -> list[float]:
+def reference_losses(
+    model: Path, instance_dir: Path, class_dir: Path, steps: int, seed: int = 1337, device: str = "cpu"
+) -> list[float]:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from style_dreambooth.data.dataset import ImageBank, SampleOrder, class_examples, instance_examples, make_batch
     from style_dreambooth.data.images import list_images
     from style_dreambooth.training.loop import _step_seed
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32).to(device)
     vae, unet, te, tok = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     instances = ImageBank(instance_examples(list_images(instance_dir), "yltcaxe artstyle"), 64, name="instance")
@@ -47,19 +49,19 @@ def reference_losses(model: Path, instance_dir: Path, class_dir: Path, steps: in
     losses = []
     for step in range(steps):
         batch = make_batch([step], instances, i_order, classes, c_order, center_crop=False)
-        gen = torch.Generator().manual_seed(_step_seed(seed, step, 0, 0))
+        gen = torch.Generator(device).manual_seed(_step_seed(seed, step, 0, 0))
         torch.manual_seed(_step_seed(seed, step, 0, 0))
         with torch.no_grad():
-            moments = vae.encode(batch.pixels()).latent_dist.parameters
+            moments = vae.encode(batch.pixels().to(device)).latent_dist.parameters
             mean, logvar = moments.chunk(2, dim=1)
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            latents = (mean + std * torch.randn(mean.shape, generator=gen)) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+            latents = (mean + std * torch.randn(mean.shape, generator=gen, device=device)) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
+        a = sched.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         ids = tok(batch.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+                  return_tensors="pt").input_ids.to(device)
         pred = unet(noisy, t, te(ids)[0]).sample
         per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss = per_sample[0] + per_sample[1]  # instance + prior (weight 1), one of each per step
@@ -90,17 +92,18 @@ def _train(capsys, tmp_path, model, reference, *extra) -> list[float]:
     return _losses(run)
 
 
-def test_fast_path_fp32_matches_reference(capsys, tmp_path, tiny_model, reference):
-    ours = _train(capsys, tmp_path, tiny_model, reference)  # defaults: latents cached
+@pytest.mark.parametrize("extra", [
+    [],  # the defaults: latents cached, fused AdamW, losses read back every 10 steps
+    ["--no-cache-latents"],
+    ["--channels-last"],
+    ["--logging-steps", "7"],  # 20 steps: flushed at 7, 14 and the end; still one line per step
+], ids=["defaults", "no-cache-latents", "channels-last", "logging-7"])
+def test_fp32_matches_reference(capsys, tmp_path, tiny_model, reference, extra):
+    ours = _train(capsys, tmp_path, tiny_model, reference, *extra)
     ref = reference[2]
     assert len(ours) == STEPS
     assert ref[-1] != pytest.approx(ref[0], rel=1e-3), "reference losses did not change; the comparison is empty"
     assert ours == pytest.approx(ref, rel=1e-4, abs=1e-5)
-
-
-def test_uncached_path_matches_reference(capsys, tmp_path, tiny_model, reference):
-    ours = _train(capsys, tmp_path, tiny_model, reference, "--no-cache-latents")
-    assert ours == pytest.approx(reference[2], rel=1e-4, abs=1e-5)
 
 
 def test_bf16_mixed_precision_within_tolerance(capsys, tmp_path, tiny_model, reference):
@@ -109,3 +112,14 @@ def test_bf16_mixed_precision_within_tolerance(capsys, tmp_path, tiny_model, ref
     # bf16 keeps 8 bits of mantissa; measured: within 4e-4 of the reference over the 20 steps.
     assert ours == pytest.approx(ref, rel=0.01)
     assert ours != pytest.approx(ref, rel=1e-6), "bf16 made no difference at all: autocast was not applied"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [["--mixed-precision", "fp16"], ["--mixed-precision", "fp16", "--compile"]],
+                         ids=["fp16", "fp16-compile"])
+def test_gpu_fast_path_matches_gpu_reference(capsys, tmp_path, tiny_model, reference, extra):
+    """On a GPU the generators draw other numbers than on the CPU, so the reference runs there too."""
+    instance_dir, class_dir, _ = reference
+    ref = reference_losses(tiny_model, instance_dir, class_dir, STEPS, device="cuda")
+    ours = _train(capsys, tmp_path, tiny_model, reference, *extra)
+    assert ours == pytest.approx(ref, rel=0.01)

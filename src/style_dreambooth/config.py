@@ -94,6 +94,9 @@ class TrainConfig(BaseModel):
     cache_latents: bool = Field(
         True, description="Encode each training image's VAE latents once and reuse them (off: encode every step)."
     )
+    allow_tf32: bool = Field(True, description="Let fp32 matrix products use TF32 tensor cores (Ampere and newer GPUs).")
+    channels_last: bool = Field(False, description="Keep the UNet's convolution tensors in channels-last layout.")
+    compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps compile, then run faster).")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
         None, description="no, fp16 or bf16; default fp16 on a CUDA GPU, no on CPU."
     )
@@ -120,7 +123,11 @@ class TrainConfig(BaseModel):
     checkpointing_steps: int = Field(500, ge=0, description="Save a checkpoint every N steps (0: never).")
     checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints.")
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint folder.")
-    logging_steps: int = Field(1, ge=1, description="Write metrics every N steps.")
+    logging_steps: int = Field(
+        10, ge=1,
+        description="Read the losses back from the device and write them every N steps (one line per step is kept; "
+        "reading them every step would stall the GPU).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -72,7 +72,7 @@ class LatentEncoder:
     @torch.no_grad()
     def latent_dist(self, batch: Batch) -> DiagonalGaussianDistribution:
         if not self.cache:
-            return self.vae.encode(batch.pixels().to(self.device, dtype=self.dtype)).latent_dist
+            return DiagonalGaussianDistribution(self._encode(batch.crops))
         missing = list({c.key: c for c in batch.crops if c.key not in self._store}.values())
         fresh = self._remember(missing) if missing else {}
         params = []

@@ -195,6 +195,9 @@ def _train(cfg: TrainConfig) -> Path:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))],
     )
     main = accelerator.is_main_process
+    if cuda and cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
     resolved = cfg.model_copy(update={"mixed_precision": mixed_precision, "class_prompt": class_prompt})
     if main:
@@ -239,6 +242,8 @@ def _train(cfg: TrainConfig) -> Path:
     trainables.cast_frozen(weight_dtype)
     if not cfg.train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -257,6 +262,8 @@ def _train(cfg: TrainConfig) -> Path:
     optimizer = prepared[-1]
     unet = trained["unet"]
     text_encoder = trained.get("text_encoder", text_encoder)
+    # The compiled wrapper shares the UNet's weights; saving and validation use the plain module.
+    unet_step = torch.compile(unet) if cfg.compile else unet
 
     start_step = 0
     if not resuming and main:
@@ -304,9 +311,36 @@ def _train(cfg: TrainConfig) -> Path:
         run.samples.mkdir(exist_ok=True)
         save_png(make_grid(images, cols=cfg.num_validation_images), run.samples / f"step-{step:06d}.png")
 
+    # Each step's losses stay on the device until the next flush: reading them back every step would
+    # make the host wait for the GPU each time. One line per step is still written.
+    pending: list[tuple[int, float, torch.Tensor]] = []
+    t_last = time.perf_counter()
+
+    def flush_metrics(bar) -> None:
+        nonlocal t_last
+        if not pending:
+            return
+        values = accelerator.reduce(torch.stack([s for _, _, s in pending]), reduction="mean").tolist()
+        now = time.perf_counter()
+        rate = len(pending) / max(now - t_last, 1e-9)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        for (step_no, lr, _), (loss, inst, prior_loss) in zip(pending, values):
+            record = {
+                "step": step_no, "loss": loss, "instance_loss": inst,
+                "prior_loss": prior_loss if classes is not None else None, "lr": lr, "it_per_s": rate,
+            }
+            if peak is not None:
+                record["gpu_mem_peak_gib"] = peak
+            if main:
+                run.append_metrics(record)
+                accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step_no)
+        if bar:
+            bar.update(0, info=f"loss {values[-1][0]:.4f}")
+        pending.clear()
+        t_last = now
+
     for m in trained.values():
         m.train()
-    t_last, steps_since = time.perf_counter(), 0
     with progress_bar("training", cfg.max_train_steps, enabled=main) as bar:
         if bar:
             bar.update(0, completed=start_step)
@@ -336,7 +370,7 @@ def _train(cfg: TrainConfig) -> Path:
                     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                     with accelerator.autocast():
                         hidden = encode_prompts(tokenizer, text_encoder, batch.prompts, accelerator.device)
-                        pred = unet(noisy, timesteps, hidden).sample
+                        pred = unet_step(noisy, timesteps, hidden).sample
                     target = diffusion_target(pred_type, latents, noise, timesteps, alphas_cumprod)
                     parts = dreambooth_loss(
                         pred, target, timesteps, alphas_cumprod, n_instance=batch.n_instance,
@@ -352,31 +386,18 @@ def _train(cfg: TrainConfig) -> Path:
                 sums += torch.stack([parts.total.detach(), parts.instance.detach(), prior]).float() / accum
             lr_scheduler.step()
             global_step = step + 1
-            steps_since += 1
+            pending.append((global_step, lr_scheduler.get_last_lr()[0], sums))
 
-            if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
-                loss, inst, prior_loss = accelerator.reduce(sums, reduction="mean").tolist()
-                now = time.perf_counter()
-                record = {
-                    "step": global_step, "loss": loss, "instance_loss": inst,
-                    "prior_loss": prior_loss if classes is not None else None,
-                    "lr": lr_scheduler.get_last_lr()[0], "it_per_s": steps_since / max(now - t_last, 1e-9),
-                }
-                if torch.cuda.is_available():
-                    record["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                t_last, steps_since = now, 0
-                if main:
-                    run.append_metrics(record)
-                    accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=global_step)
-                    if bar:
-                        bar.update(0, info=f"loss {loss:.4f}")
+            last = global_step == cfg.max_train_steps
+            checkpoint_due = cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0 and not last
+            if global_step % cfg.logging_steps == 0 or last or checkpoint_due:
+                flush_metrics(bar)
             if bar:
                 bar.update(0, completed=global_step)
 
-            last = global_step == cfg.max_train_steps
             if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or last) and main:
                 validate(global_step)
-            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0 and not last:
+            if checkpoint_due:
                 if main:
                     unwrapped = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
                     save_checkpoint(
