@@ -1,12 +1,15 @@
 """Training speed and memory: our `train` against diffusers' train_dreambooth.py, same model, data, GPU.
 
-Steady-state it/s is measured by running each side twice, for N1 and N2 steps, and dividing the
-extra steps by the extra wall time: model loading, warm-up, compilation and the final save cancel
-out. Peak memory is torch.cuda.max_memory_allocated() in the training process (the long run).
+Each (configuration, side) is one process run under `_peak.py`, whose step clock gives the
+steady-state it/s between steps N1 and N2, the time before the first step (loading), the warm-up
+beyond steady steps (compilation, autotuning) and the peak allocated CUDA memory; the process ends
+at step N2, so no final save is timed. Results are written after every run, so a run that fails or a
+budget that runs out still leaves the rows measured so far.
 
 usage (on a GPU machine, offline):
-  python bench/bench_train.py --out bench-out --diffusers-script /path/to/train_dreambooth.py
-  python bench/bench_train.py --out /tmp/b --shape tiny --resolution 64 --precision no --steps 4,8   # CPU smoke
+  python bench/bench_train.py --out bench-out --diffusers-script .baseline/train_dreambooth.py \\
+      --diffusers-lora-script .baseline/train_dreambooth_lora.py
+  python bench/bench_train.py --out /tmp/b --shape tiny --resolution 64 --precision no --steps 3,6   # CPU smoke
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +38,26 @@ def make_images(folder: Path, n: int, size: int, seed: int) -> Path:
         if (folder / f"{i:03d}.png").exists():
             continue
         yy, xx = np.mgrid[:size, :size] / size
-        base = np.stack([np.sin(xx * rng.uniform(3, 9) + rng.uniform(0, 6)) for _ in range(3)], -1)
+        base = np.stack([np.sin(xx * rng.uniform(3, 9) + yy * rng.uniform(0, 4) + rng.uniform(0, 6)) for _ in range(3)], -1)
         arr = ((base * 0.5 + 0.5) * 255).astype(np.uint8)
         Image.fromarray(arr).save(folder / f"{i:03d}.png")
     return folder
 
 
-def run_timed(cmd: list[str], result: Path, log: Path, env: dict[str, str]) -> dict:
+def run_clocked(cmd: list[str], result: Path, log: Path, env: dict[str, str], timeout: float) -> dict:
+    """Run `cmd` under the step clock; the clock's JSON, plus `error` (log tail) when it failed."""
     full = [sys.executable, str(HERE / "_peak.py"), str(result), *cmd]
+    result.unlink(missing_ok=True)
     with log.open("w") as f:
-        proc = subprocess.run(full, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd[:4])} ...\n{tail}")
-    return json.loads(result.read_text())
+        try:
+            proc = subprocess.run(full, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    data = json.loads(result.read_text()) if result.is_file() else {}
+    if code != 0 or not data.get("done"):
+        data["error"] = f"exit {code}: " + log.read_text(errors="replace")[-1500:]
+    return data
 
 
 def ours_cmd(model: Path, data: Path, out: Path, steps: int, cfg: dict, resolution: int) -> list[str]:
@@ -60,7 +70,7 @@ def ours_cmd(model: Path, data: Path, out: Path, steps: int, cfg: dict, resoluti
         cmd.append("--gradient-checkpointing")
     if cfg.get("lora"):
         cmd += ["--method", "lora", "--rank", "4"]
-    return cmd
+    return cmd + list(cfg.get("ours_flags", []))
 
 
 def diffusers_cmd(script: Path, model: Path, data: Path, out: Path, steps: int, cfg: dict, resolution: int) -> list[str]:
@@ -79,11 +89,18 @@ def diffusers_cmd(script: Path, model: Path, data: Path, out: Path, steps: int, 
     return cmd
 
 
+# Rows in the order they run: the reference configuration first, so a short budget still measures it.
+# "baseline": whether diffusers' script runs it too; "mem_gib": a T4-sized cap on this process's memory.
 CONFIGS = {
-    "full-fp16": {"precision": "fp16"},
-    "full-fp16-gc": {"precision": "fp16", "gc": True},
-    "full-bf16": {"precision": "bf16"},
-    "lora-fp16": {"precision": "fp16", "lora": True},
+    "full-fp16": {"precision": "fp16", "baseline": True},
+    "lora-fp16": {"precision": "fp16", "lora": True, "baseline": True},
+    "t4-fp16": {"precision": "fp16", "mem_gib": 15},
+    "full-bf16": {"precision": "bf16", "baseline": True},
+    "full-fp16-gc": {"precision": "fp16", "gc": True, "baseline": True},
+    "t4-fp16-gc": {"precision": "fp16", "gc": True, "mem_gib": 15},
+    "full-fp16-compile": {"precision": "fp16", "ours_flags": ["--compile"]},
+    "full-fp16-no-cache": {"precision": "fp16", "ours_flags": ["--no-cache-latents"]},
+    "full-fp16-adamw": {"precision": "fp16", "ours_flags": ["--no-8bit-adam"]},
 }
 
 
@@ -108,17 +125,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=None, help="diffusers folder; default: build a random one")
     ap.add_argument("--shape", default="sd15", choices=["tiny", "sd15"])
-    ap.add_argument("--diffusers-script", type=Path, default=None, help="diffusers' train_dreambooth.py (or _lora.py for lora configs)")
-    ap.add_argument("--diffusers-lora-script", type=Path, default=None)
-    ap.add_argument("--configs", default="full-fp16,full-fp16-gc,full-bf16,lora-fp16")
-    ap.add_argument("--steps", default="20,60", help="N1,N2: short and long run lengths")
+    ap.add_argument("--diffusers-script", type=Path, default=None, help="diffusers' examples/dreambooth/train_dreambooth.py")
+    ap.add_argument("--diffusers-lora-script", type=Path, default=None, help="... and train_dreambooth_lora.py")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--steps", default="20,60", help="N1,N2: the steady-state window (steps)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--precision", default=None, help="override every config's precision (e.g. 'no' on CPU)")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
+    ap.add_argument("--run-timeout-s", type=float, default=300)
     args = ap.parse_args()
 
+    t0 = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "BENCH_WINDOW": args.steps}
     model = args.model or out / f"model-{args.shape}"
     if not (model / "model_index.json").exists():
         subprocess.run([sys.executable, "-m", "style_dreambooth", "random-model", "--shape", args.shape, str(model)],
@@ -127,31 +147,34 @@ def main() -> None:
     make_images(data / "instance", 5, args.resolution, 0)
     make_images(data / "class", 50, args.resolution, 1)
     n1, n2 = (int(s) for s in args.steps.split(","))
-    rows = []
+    result = {"date": datetime.date.today().isoformat(), "versions": versions(), "steps": [n1, n2],
+              "resolution": args.resolution, "shape": args.shape, "rows": []}
     for name in args.configs.split(","):
         cfg = dict(CONFIGS[name])
         if args.precision:
             cfg["precision"] = args.precision
         row = {"config": name, **cfg}
-        sides = {"ours": lambda n, o: ours_cmd(model, data, o, n, cfg, args.resolution)}
+        sides = {"ours": lambda o: ours_cmd(model, data, o, n2, cfg, args.resolution)}
         script = args.diffusers_lora_script if cfg.get("lora") else args.diffusers_script
-        if script:
-            sides["diffusers"] = lambda n, o, s=script: diffusers_cmd(s.resolve(), model, data, o, n, cfg, args.resolution)
+        if script and cfg.get("baseline"):
+            sides["diffusers"] = lambda o, s=script: diffusers_cmd(s.resolve(), model, data, o, n2, cfg, args.resolution)
         for side, make in sides.items():
-            times = {}
-            for n in (n1, n2):
-                tag = f"{name}-{side}-{n}"
-                times[n] = run_timed(make(n, out / "runs" / tag), out / f"{tag}.json", out / f"{tag}.log", env)
-            dt = times[n2]["wall_s"] - times[n1]["wall_s"]
-            row[f"{side}_it_s"] = (n2 - n1) / dt if dt > 0 else float("nan")
-            row[f"{side}_peak_gib"] = times[n2]["peak_gib"]
-            print(f"{name} {side}: {row[f'{side}_it_s']:.2f} it/s, peak {row[f'{side}_peak_gib']} GiB", flush=True)
-        if "diffusers_it_s" in row:
+            if time.perf_counter() - t0 > args.budget_s:
+                row[f"{side}_skipped"] = "budget"
+                continue
+            tag = f"{name}-{side}"
+            run_env = {**env, **({"BENCH_MEM_GIB": str(cfg["mem_gib"])} if cfg.get("mem_gib") else {})}
+            got = run_clocked(make(out / "runs" / tag), out / f"{tag}.json", out / f"{tag}.log", run_env,
+                              args.run_timeout_s)
+            for key in ("it_s", "peak_gib", "peak_reserved_gib", "load_s", "warmup_s", "error"):
+                if key in got:
+                    row[f"{side}_{key}"] = got[key]
+            print(f"{name} {side}: " + (f"{got['it_s']:.2f} it/s, peak {got['peak_gib']} GiB, warm-up "
+                  f"{got['warmup_s']:.1f} s" if "it_s" in got else f"FAILED {got.get('error', '')[-300:]}"), flush=True)
+        if "ours_it_s" in row and "diffusers_it_s" in row:
             row["speedup"] = row["ours_it_s"] / row["diffusers_it_s"]
-        rows.append(row)
-    result = {"date": datetime.date.today().isoformat(), "versions": versions(), "steps": [n1, n2],
-              "resolution": args.resolution, "shape": args.shape, "rows": rows}
-    (out / "train_bench.json").write_text(json.dumps(result, indent=1))
+        result["rows"].append(row)
+        (out / "train_bench.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 
