@@ -21,10 +21,23 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """Per-token hidden states the UNet cross-attends to."""
-    ids = tokenize(tokenizer, prompts).to(device)
-    return text_encoder(ids)[0]
+class PromptEncoder:
+    """Prompts -> the per-token hidden states the UNet cross-attends to.
+
+    The token ids of each distinct prompt list are made once and kept on the device (a training run
+    has about as many as it has captions), so a training step does no tokenizing."""
+
+    def __init__(self, tokenizer, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.device = device
+        self._ids: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def __call__(self, text_encoder, prompts: list[str]) -> torch.Tensor:
+        key = tuple(prompts)
+        ids = self._ids.get(key)
+        if ids is None:
+            ids = self._ids[key] = tokenize(self.tokenizer, prompts).to(self.device)
+        return text_encoder(ids)[0]
 
 
 def prediction_type(scheduler) -> str:

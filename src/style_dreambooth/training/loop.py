@@ -23,7 +23,7 @@ from ..data.dataset import ImageBank, SampleOrder, class_examples, instance_exam
 from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.latent_cache import LatentEncoder
 from ..errors import UserError
-from ..models.backbone import assemble_pipeline, encode_prompts, prediction_type
+from ..models.backbone import PromptEncoder, assemble_pipeline, prediction_type
 from ..models.loading import load_run_base, model_identity
 from ..models.tokenizer import analyze_identifier, find_identifier, format_identifier_report
 from ..progress import progress_bar
@@ -291,6 +291,7 @@ def _train(cfg: TrainConfig) -> Path:
     class_order = SampleOrder(len(classes), cfg.seed, stream=1) if classes is not None else None
     accum, world, rank = cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
     validation_prompts = cfg.validation_prompt or [cfg.instance_prompt]
+    encode_prompts = PromptEncoder(tokenizer, accelerator.device)
 
     def validate(step: int) -> None:
         pipe = assemble_pipeline(base, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder))
@@ -369,7 +370,7 @@ def _train(cfg: TrainConfig) -> Path:
                     )
                     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                     with accelerator.autocast():
-                        hidden = encode_prompts(tokenizer, text_encoder, batch.prompts, accelerator.device)
+                        hidden = encode_prompts(text_encoder, batch.prompts)
                         pred = unet_step(noisy, timesteps, hidden).sample
                     target = diffusion_target(pred_type, latents, noise, timesteps, alphas_cumprod)
                     parts = dreambooth_loss(
