@@ -47,6 +47,8 @@ def diffusers_pipe(model: Path, device: str, dtype, compiled: bool):
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if compiled:
+        # One static graph per batch size: after batch 1, a dynamic-shape graph would serve batch 4 more slowly.
+        torch._dynamo.config.automatic_dynamic_shapes = False
         pipe.unet = torch.compile(pipe.unet)
 
     def call(seeds, steps, size):

@@ -132,7 +132,10 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--precision", default=None, help="override every config's precision (e.g. 'no' on CPU)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
-    ap.add_argument("--run-timeout-s", type=float, default=300)
+    ap.add_argument("--run-timeout-s", type=float, default=300,
+                    help="kill a run after this long (and never let one end more than 60 s past the budget)")
+    ap.add_argument("--json", type=Path, default=None, help="where the results go (default: OUT/train_bench.json); "
+                    "written after every run")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -164,8 +167,8 @@ def main() -> None:
                 continue
             tag = f"{name}-{side}"
             run_env = {**env, **({"BENCH_MEM_GIB": str(cfg["mem_gib"])} if cfg.get("mem_gib") else {})}
-            got = run_clocked(make(out / "runs" / tag), out / f"{tag}.json", out / f"{tag}.log", run_env,
-                              args.run_timeout_s)
+            timeout = min(args.run_timeout_s, args.budget_s + 60 - (time.perf_counter() - t0))
+            got = run_clocked(make(out / "runs" / tag), out / f"{tag}.json", out / f"{tag}.log", run_env, timeout)
             for key in ("it_s", "peak_gib", "peak_reserved_gib", "load_s", "warmup_s", "error"):
                 if key in got:
                     row[f"{side}_{key}"] = got[key]
@@ -174,7 +177,7 @@ def main() -> None:
         if "ours_it_s" in row and "diffusers_it_s" in row:
             row["speedup"] = row["ours_it_s"] / row["diffusers_it_s"]
         result["rows"].append(row)
-        (out / "train_bench.json").write_text(json.dumps(result, indent=1))
+        (args.json or out / "train_bench.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 

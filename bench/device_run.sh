@@ -44,12 +44,11 @@ baseline=()
 [ -f .baseline/train_dreambooth_lora.py ] && baseline+=(--diffusers-lora-script .baseline/train_dreambooth_lora.py)
 $PY bench/bench_train.py --out "$WORK" --model "$WORK/$model" "${shape[@]}" "${baseline[@]}" \
   --configs "${BENCH_TRAIN_CONFIGS:-full-fp16,lora-fp16,t4-fp16,full-bf16,full-fp16-gc,full-fp16-compile,full-fp16-no-cache}" \
-  --budget-s $(( $(left) * 65 / 100 )) --run-timeout-s 240 2>&1 | grep -v '^ ' | tee "$OUT/train.log"
-cp "$WORK/train_bench.json" "$OUT/" 2>/dev/null
+  --budget-s $(( $(left) * 60 / 100 )) --run-timeout-s 240 --json "$OUT/train_bench.json" \
+  2>&1 | grep -v '^ ' | tee "$OUT/train.log"
 
-$PY bench/bench_generate.py --model "$WORK/$model" --out "$WORK" "${gen[@]}" --budget-s $(( $(left) * 60 / 100 )) \
+$PY bench/bench_generate.py --model "$WORK/$model" --out "$OUT" "${gen[@]}" --budget-s $(( $(left) * 50 / 100 )) \
   2>&1 | grep -E "img/s|FAILED" | tee "$OUT/generate.log"
-cp "$WORK/generate_bench.json" "$OUT/" 2>/dev/null
 
 if [ "$(left)" -gt 60 ]; then
   timeout $(( $(left) - 10 )) $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_reference_losses.py \

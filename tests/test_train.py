@@ -297,3 +297,23 @@ def test_run_config_uses_absolute_paths(tmp_path, tiny_model, instance_dir, cach
     code, _, err = run_cli(capsys, "generate", "--model", tmp_path / "rel-run", "--prompt", "x", "-n", "1",
                            "--steps", "2", "--out", tmp_path / "g")
     assert code == 0, err
+
+
+def test_losses_read_back_late_survive_a_crash(tmp_path, tiny_model, instance_dir, cache_env, capsys, monkeypatch):
+    """Losses are read back every --logging-steps; a run that dies in between still writes the ones it had."""
+    import style_dreambooth.training.loop as loop
+
+    real, calls = loop.dreambooth_loss, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # Ctrl-C (or an out-of-memory error) in step 6
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "dreambooth_loss", failing)
+    run = tmp_path / "run"
+    code, _, _ = run_cli(capsys, *train_args(tiny_model, instance_dir, run, "--max-train-steps", "8",
+                                             "--logging-steps", "10"))
+    assert code != 0 and len(calls) == 6
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4, 5]

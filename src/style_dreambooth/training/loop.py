@@ -160,12 +160,15 @@ def train(cfg: TrainConfig) -> Path:
     is removed again, so nothing half-written is left behind.
     """
     created = not cfg.output_dir.exists()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         return _train(cfg)
     except UserError:
         if created and cfg.output_dir.is_dir() and not any(cfg.output_dir.iterdir()):
             cfg.output_dir.rmdir()
         raise
+    finally:  # --allow-tf32 is this run's setting, not the process's
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _train(cfg: TrainConfig) -> Path:
@@ -270,7 +273,12 @@ def _train(cfg: TrainConfig) -> Path:
         run.clear_artefacts()  # nothing of value: no finished model, no checkpoint, or --overwrite
     if checkpoint is not None:
         state = load_training_state(checkpoint)
+        # Implementation flags (fused, foreach) belong to this run, not the saved one: a checkpoint from
+        # before the fused optimizer would otherwise switch it off while the fp16 scaler still relies on it.
+        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for group, kept in zip(optimizer.param_groups, flags):
+            group.update(kept)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if accelerator.scaler is not None and state.get("grad_scaler"):
             accelerator.scaler.load_state_dict(state["grad_scaler"])
@@ -342,76 +350,82 @@ def _train(cfg: TrainConfig) -> Path:
 
     for m in trained.values():
         m.train()
-    with progress_bar("training", cfg.max_train_steps, enabled=main) as bar:
-        if bar:
-            bar.update(0, completed=start_step)
-        for step in range(start_step, cfg.max_train_steps):
-            sums = torch.zeros(3, device=accelerator.device)
-            for micro in range(accum):
-                batch = make_batch(
-                    sample_numbers(step, micro, accum, world, rank, cfg.train_batch_size),
-                    instances, instance_order, classes, class_order, cfg.center_crop,
-                )
-                step_seed = _step_seed(cfg.seed, step, micro, rank)
-                gen = torch.Generator(device=accelerator.device).manual_seed(step_seed)
-                torch.manual_seed(step_seed)  # dropout (e.g. --lora-dropout) draws from the global RNG
-                with accelerator.accumulate(*trained.values()):
-                    with torch.no_grad():
-                        dist = encoder.latent_dist(batch)
-                        latents = (dist.sample(generator=gen) * vae.config.scaling_factor).float()
-                    noise = torch.randn(latents.shape, generator=gen, device=latents.device)
-                    if cfg.offset_noise:
-                        noise = noise + cfg.offset_noise * torch.randn(
-                            (*latents.shape[:2], 1, 1), generator=gen, device=latents.device
-                        )
-                    timesteps = torch.randint(
-                        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                        generator=gen, device=latents.device,
-                    )
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    with accelerator.autocast():
-                        hidden = encode_prompts(text_encoder, batch.prompts)
-                        pred = unet_step(noisy, timesteps, hidden).sample
-                    target = diffusion_target(pred_type, latents, noise, timesteps, alphas_cumprod)
-                    parts = dreambooth_loss(
-                        pred, target, timesteps, alphas_cumprod, n_instance=batch.n_instance,
-                        prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
-                        prediction_type=pred_type,
-                    )
-                    accelerator.backward(parts.total)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                prior = parts.prior.detach() if parts.prior is not None else torch.zeros((), device=sums.device)
-                sums += torch.stack([parts.total.detach(), parts.instance.detach(), prior]).float() / accum
-            lr_scheduler.step()
-            global_step = step + 1
-            pending.append((global_step, lr_scheduler.get_last_lr()[0], sums))
-
-            last = global_step == cfg.max_train_steps
-            checkpoint_due = cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0 and not last
-            if global_step % cfg.logging_steps == 0 or last or checkpoint_due:
-                flush_metrics(bar)
+    try:
+        with progress_bar("training", cfg.max_train_steps, enabled=main) as bar:
             if bar:
-                bar.update(0, completed=global_step)
-
-            if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or last) and main:
-                validate(global_step)
-            if checkpoint_due:
-                if main:
-                    unwrapped = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
-                    save_checkpoint(
-                        run.root, global_step,
-                        lambda folder: trainables.save_weights(folder, unwrapped),
-                        {
-                            "optimizer": optimizer.state_dict(),
-                            "lr_scheduler": lr_scheduler.state_dict(),
-                            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
-                        },
-                        cfg.checkpoints_total_limit,
+                bar.update(0, completed=start_step)
+            for step in range(start_step, cfg.max_train_steps):
+                sums = torch.zeros(3, device=accelerator.device)
+                for micro in range(accum):
+                    batch = make_batch(
+                        sample_numbers(step, micro, accum, world, rank, cfg.train_batch_size),
+                        instances, instance_order, classes, class_order, cfg.center_crop,
                     )
-                accelerator.wait_for_everyone()
+                    step_seed = _step_seed(cfg.seed, step, micro, rank)
+                    gen = torch.Generator(device=accelerator.device).manual_seed(step_seed)
+                    torch.manual_seed(step_seed)  # dropout (e.g. --lora-dropout) draws from the global RNG
+                    with accelerator.accumulate(*trained.values()):
+                        with torch.no_grad():
+                            dist = encoder.latent_dist(batch)
+                            latents = (dist.sample(generator=gen) * vae.config.scaling_factor).float()
+                        noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+                        if cfg.offset_noise:
+                            noise = noise + cfg.offset_noise * torch.randn(
+                                (*latents.shape[:2], 1, 1), generator=gen, device=latents.device
+                            )
+                        timesteps = torch.randint(
+                            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                            generator=gen, device=latents.device,
+                        )
+                        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                        with accelerator.autocast():
+                            hidden = encode_prompts(text_encoder, batch.prompts)
+                            pred = unet_step(noisy, timesteps, hidden).sample
+                        target = diffusion_target(pred_type, latents, noise, timesteps, alphas_cumprod)
+                        parts = dreambooth_loss(
+                            pred, target, timesteps, alphas_cumprod, n_instance=batch.n_instance,
+                            prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
+                            prediction_type=pred_type,
+                        )
+                        accelerator.backward(parts.total)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    prior = parts.prior.detach() if parts.prior is not None else torch.zeros((), device=sums.device)
+                    sums += torch.stack([parts.total.detach(), parts.instance.detach(), prior]).float() / accum
+                lr_scheduler.step()
+                global_step = step + 1
+                pending.append((global_step, lr_scheduler.get_last_lr()[0], sums))
+
+                last = global_step == cfg.max_train_steps
+                checkpoint_due = cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0 and not last
+                if global_step % cfg.logging_steps == 0 or last or checkpoint_due:
+                    flush_metrics(bar)
+                if bar:
+                    bar.update(0, completed=global_step)
+
+                if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or last) and main:
+                    validate(global_step)
+                if checkpoint_due:
+                    if main:
+                        unwrapped = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
+                        save_checkpoint(
+                            run.root, global_step,
+                            lambda folder: trainables.save_weights(folder, unwrapped),
+                            {
+                                "optimizer": optimizer.state_dict(),
+                                "lr_scheduler": lr_scheduler.state_dict(),
+                                "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+                            },
+                            cfg.checkpoints_total_limit,
+                        )
+                    accelerator.wait_for_everyone()
+
+    except BaseException:
+        if accelerator.num_processes == 1:  # no collective needed: keep the losses up to the failure
+            flush_metrics(None)
+        raise
 
     accelerator.wait_for_everyone()
     if main:
