@@ -317,3 +317,31 @@ def test_losses_read_back_late_survive_a_crash(tmp_path, tiny_model, instance_di
                                              "--logging-steps", "10"))
     assert code != 0 and len(calls) == 6
     assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_keeps_the_fused_optimizer(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+    """A checkpoint saved by a non-fused AdamW (as before the fused default) must not switch fusion off:
+    with fp16 the grad scaler hands a fused optimizer its inf check, which a non-fused step rejects."""
+    run = tmp_path / "run"
+    common = ["--no-8bit-adam", "--checkpointing-steps", "2"]
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, run, *common, "--max-train-steps", "3"))[0] == 0
+    state_file = run / "checkpoints" / "step-000002" / "training_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        assert group["fused"] is True  # saved by the fused optimizer
+        group["fused"] = None  # ... as an older checkpoint has it
+    torch.save(state, state_file)
+
+    seen = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([g.get("fused") for g in opt.param_groups])
+    )
+    try:
+        code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, run, *common, "--max-train-steps", "4",
+                                                   "--resume-from-checkpoint", "latest"))
+    finally:
+        handle.remove()
+    assert code == 0, err
+    assert seen and all(flag is True for flags in seen for flag in flags)
