@@ -424,7 +424,10 @@ def _train(cfg: TrainConfig) -> Path:
 
     except BaseException:
         if accelerator.num_processes == 1:  # no collective needed: keep the losses up to the failure
-            flush_metrics(None)
+            try:
+                flush_metrics(None)
+            except Exception:  # noqa: BLE001 - a broken device must not hide the original error
+                log.warning("could not write the last %d steps' losses", len(pending))
         raise
 
     accelerator.wait_for_everyone()
