@@ -278,7 +278,8 @@ def test_rerun_after_interruption_without_checkpoint_starts_clean(tmp_path, tiny
             raise KeyboardInterrupt
 
     monkeypatch.setattr(loop.RunFolder, "append_metrics", interrupt_after_two)
-    assert run_cli(capsys, *train_args(tiny_model, instance_dir, run))[0] == 130
+    # Read back every step, so the interruption comes after step 2's line, mid-run.
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, run, "--logging-steps", "1"))[0] == 130
     monkeypatch.setattr(loop.RunFolder, "append_metrics", real)
     assert [m["step"] for m in _metrics(run)] == [1, 2]
     assert run_cli(capsys, *train_args(tiny_model, instance_dir, run))[0] == 0

@@ -333,7 +333,8 @@ def _train(cfg: TrainConfig) -> Path:
         now = time.perf_counter()
         rate = len(pending) / max(now - t_last, 1e-9)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        for (step_no, lr, _), (loss, inst, prior_loss) in zip(pending, values):
+        for (step_no, lr, _), (loss, inst, prior_loss) in zip(list(pending), values):
+            pending.pop(0)  # taken before it is written: an interrupted flush never writes a step twice
             record = {
                 "step": step_no, "loss": loss, "instance_loss": inst,
                 "prior_loss": prior_loss if classes is not None else None, "lr": lr, "it_per_s": rate,
@@ -345,7 +346,6 @@ def _train(cfg: TrainConfig) -> Path:
                 accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step_no)
         if bar:
             bar.update(0, info=f"loss {values[-1][0]:.4f}")
-        pending.clear()
         t_last = now
 
     for m in trained.values():
