@@ -106,7 +106,8 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - one side failing must not lose the others
             rows.append({"side": side, "error": f"{type(exc).__name__}: {exc}"[:1500]})
             print(f"{side}: FAILED {type(exc).__name__}: {exc}"[:800], flush=True)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         (args.out / "generate_bench.json").write_text(json.dumps(
             {"steps": args.steps, "size": args.size, "dtype": str(dtype), "rows": rows}, indent=1))
 

@@ -26,14 +26,14 @@ def _bank(tmp_path, name, size, n=3):
 def test_square_images_are_encoded_up_front_and_reused(tmp_path, vae):
     square, wide = _bank(tmp_path, "square", (64, 64)), _bank(tmp_path, "wide", (96, 64))
     enc = LatentEncoder(vae, torch.device("cpu"), torch.float32, cache=True)
-    assert enc.precompute([square, wide], center_crop=False) == 3  # the wide ones' crops vary: not up front
+    assert enc.precompute(enc.fixed_crops([square, wide], center_crop=False)) == 3  # the wide ones' crops vary
     assert enc.encoded == 3
     order = SampleOrder(len(square), seed=0, stream=0)
     for step in range(6):  # two epochs over the square bank: nothing new to encode
         enc.latent_dist(make_batch([step], square, order, None, None, center_crop=False))
     assert enc.encoded == 3
     # With --center-crop every crop is fixed, so the wide bank is encoded up front too.
-    assert enc.precompute([square, wide], center_crop=True) == 3
+    assert enc.precompute(enc.fixed_crops([square, wide], center_crop=True)) == 3
     assert enc.encoded == 6
 
 
@@ -66,7 +66,7 @@ def test_cache_is_bounded_and_off_means_every_step(tmp_path, vae):
         assert torch.allclose(dist.mean, vae.encode(b.pixels()).latent_dist.mean, atol=1e-5)
     assert len(enc) == 2 and enc.encoded == 4
     off = LatentEncoder(vae, torch.device("cpu"), torch.float32, cache=False)
-    assert off.precompute([wide], center_crop=True) == 0
+    assert off.fixed_crops([wide], center_crop=True) == []
     for _ in range(3):
         off.latent_dist(batches[0])
     assert len(off) == 0

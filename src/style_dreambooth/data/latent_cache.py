@@ -43,7 +43,8 @@ class LatentEncoder:
         self.encoded += len(crops)
         return self.vae.encode(pixels).latent_dist.parameters
 
-    def _remember(self, crops: list[Crop]) -> dict[tuple, torch.Tensor]:
+    def _remember(self, crops: list[Crop], report: Callable[[int], None] | None = None) -> dict[tuple, torch.Tensor]:
+        """Encode `crops` in chunks and keep them; `report(done)` after each chunk."""
         fresh = {}
         for start in range(0, len(crops), self.encode_batch):
             chunk = crops[start : start + self.encode_batch]
@@ -51,24 +52,23 @@ class LatentEncoder:
                 fresh[crop.key] = self._store[crop.key] = params.unsqueeze(0)
                 while len(self._store) > self.max_entries:
                     self._store.popitem(last=False)
+            if report is not None:
+                report(start + len(chunk))
         return fresh
 
-    @torch.no_grad()
-    def precompute(self, banks: Iterable[ImageBank], center_crop: bool, report: Callable[[int], None] | None = None) -> int:
-        """Encode every crop that never varies; returns how many were encoded."""
+    def fixed_crops(self, banks: Iterable[ImageBank], center_crop: bool) -> list[Crop]:
+        """The crops that never vary and are not cached yet (none when caching is off)."""
         if not self.cache:
-            return 0
-        fixed = []
-        for bank in banks:
-            for i in range(len(bank)):
-                box = bank.fixed_crop(i, center_crop)
-                if box is not None and Crop(bank, i, *box).key not in self._store:
-                    fixed.append(Crop(bank, i, *box))
-        for start in range(0, len(fixed), self.encode_batch):
-            self._remember(fixed[start : start + self.encode_batch])
-            if report is not None:
-                report(min(start + self.encode_batch, len(fixed)))
-        return len(fixed)
+            return []
+        crops = (Crop(bank, i, *box) for bank in banks for i in range(len(bank))
+                 if (box := bank.fixed_crop(i, center_crop)) is not None)
+        return [c for c in crops if c.key not in self._store]
+
+    @torch.no_grad()
+    def precompute(self, crops: list[Crop], report: Callable[[int], None] | None = None) -> int:
+        """Encode and keep `crops` (see `fixed_crops`); returns how many were encoded."""
+        self._remember(crops, report)
+        return len(crops)
 
     @torch.no_grad()
     def latent_dist(self, batch: Batch) -> DiagonalGaussianDistribution:

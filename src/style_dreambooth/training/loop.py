@@ -233,11 +233,10 @@ def _train(cfg: TrainConfig) -> Path:
     vae.requires_grad_(False)
     vae.to(accelerator.device, dtype=weight_dtype)
     encoder = LatentEncoder(vae, accelerator.device, weight_dtype, cache=cfg.cache_latents)
-    banks = [instances] + ([classes] if classes is not None else [])
-    fixed = sum(1 for b in banks for i in range(len(b)) if b.fixed_crop(i, cfg.center_crop) is not None)
-    if cfg.cache_latents and fixed:
-        with progress_bar("caching latents", fixed, enabled=main) as bar:
-            encoder.precompute(banks, cfg.center_crop, report=(lambda n: bar.update(0, completed=n)) if bar else None)
+    fixed = encoder.fixed_crops([instances] + ([classes] if classes is not None else []), cfg.center_crop)
+    if fixed:
+        with progress_bar("caching latents", len(fixed), enabled=main) as bar:
+            encoder.precompute(fixed, report=(lambda n: bar.update(0, completed=n)) if bar else None)
     torch.manual_seed(cfg.seed)  # LoRA's initial weights
     trainables = make_trainables(cfg, unet, text_encoder, model_identity(cfg.base_model, cfg.revision))
     if checkpoint is not None:
