@@ -113,6 +113,22 @@ def test_ssim_and_memorisation_calibration():
     assert threshold < 0.99  # a fresh drawing is never a copy, so copies stand out
 
 
+def test_experiment_passes_other_train_settings_through_validated(tmp_path):
+    from pydantic import ValidationError
+
+    from style_dreambooth.toyworld.experiment import ExperimentConfig, train_config
+
+    cfg = ExperimentConfig(train_overrides={"lora_targets": ["attn2.to_k", "q_proj"], "snr_gamma": 5.0})
+    tcfg = train_config(cfg, tmp_path, tmp_path / "instance")
+    assert tcfg.lora_targets == ["attn2.to_k", "q_proj"] and tcfg.snr_gamma == 5.0
+    assert tcfg.learning_rate == cfg.learning_rate and tcfg.resolution == 64  # the rest as before
+    assert train_config(ExperimentConfig(), tmp_path, tmp_path / "instance").snr_gamma is None
+    with pytest.raises(ValidationError, match="no_such_setting"):
+        train_config(ExperimentConfig(train_overrides={"no_such_setting": 1}), tmp_path, tmp_path / "instance")
+    with pytest.raises(ValidationError, match="snr_gamma"):
+        train_config(ExperimentConfig(train_overrides={"snr_gamma": -1}), tmp_path, tmp_path / "instance")
+
+
 def test_steps_curve_reads_each_point_from_one_run(tmp_path, monkeypatch):
     """The steps ablation trains once and measures every step count from that run's checkpoints."""
     from style_dreambooth.toyworld.experiment import ExperimentConfig, run_curve

@@ -70,6 +70,7 @@ class ExperimentConfig:
     use_8bit_adam: bool = False  # bitsandbytes on CPU is >half of a tiny step; a GPU-memory lever, moot here
     offset_noise: float = 0.1  # as in pretraining (see base_model.train_diffusion)
     seed: int = 0
+    train_overrides: dict = field(default_factory=dict)  # any other TrainConfig fields, validated there
     # evaluation
     eval_steps: int = 25
     eval_seeds: int = 3  # per held-out (subject, colour) cell
@@ -204,7 +205,7 @@ def _tv(p: dict[str, float], q: dict[str, float]) -> float:
 
 
 def train_config(cfg: ExperimentConfig, work: Path, instance_dir: Path) -> TrainConfig:
-    return TrainConfig(
+    tcfg = TrainConfig(
         base_model=cfg.base_model,
         instance_dir=instance_dir,
         instance_prompt=cfg.instance_prompt,
@@ -233,6 +234,9 @@ def train_config(cfg: ExperimentConfig, work: Path, instance_dir: Path) -> Train
         checkpointing_steps=0,
         logging_steps=10,
     )
+    if not cfg.train_overrides:
+        return tcfg
+    return TrainConfig.model_validate({**tcfg.model_dump(), **cfg.train_overrides})
 
 
 @dataclass

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Probe the proof world's fine-tune: one run read at several checkpoints, or a run's parts swapped.
+
+    # one run of the demo's setting with changes, judged at steps 250..1000 (docs/proof-world.md)
+    python scripts/proof_world_probe.py curve te-lr-1e-5 --steps 250,500,750,1000 --set text_encoder_lr=1e-5
+    python scripts/proof_world_probe.py curve lora-kv --steps 250,500 --set method=lora --set rank=16 \\
+        --set 'lora_targets=[attn2.to_k,attn2.to_v,q_proj,k_proj,v_proj,out_proj]' --set learning_rate=1e-3
+    # the same, training only the identifier's token embeddings in the text encoder (pivotal-tuning style)
+    python scripts/proof_world_probe.py curve rows --set text_encoder_lr=1e-3 --identifier-embeddings-only
+    # which part of a fine-tuned model carries the style and the leak: UNet or text encoder
+    python scripts/proof_world_probe.py swap WORK/te-lr-1e-5 --checkpoint step-000500
+
+``--set`` takes an ExperimentConfig field or any TrainConfig field (``key=YAML value``). The
+evaluation is the demo's (24 class images, 12 held-out cells x 2 seeds, DPM++ 20 steps, no pairs).
+Each curve appends one line per step to ``WORK/summary.md``. Use ``OMP_NUM_THREADS=1``
+and at most one process per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from style_dreambooth.toyworld.demo import demo_config
+from style_dreambooth.toyworld.experiment import ExperimentConfig, ExperimentMetrics, _load_run, _prepare, _Probe, run_curve
+from style_dreambooth.toyworld.evaluate import load_pipe
+from style_dreambooth.toyworld.judges import Judges
+
+COLUMNS = ("style_hit_rate", "leak_rate", "subject_acc_token", "colour_acc_token", "subject_acc_plain",
+           "colour_acc_plain", "max_instance_ssim")
+PROMPTS = ("a yellow star, yltcaxe artstyle", "a yellow star, artstyle", "a yellow star", "a yellow heart", "",
+           "yltcaxe artstyle", "artstyle")
+
+
+def experiment_config(settings: list[str]) -> ExperimentConfig:
+    cfg = replace(demo_config(), pairs=False)
+    own = {f.name for f in fields(ExperimentConfig)}
+    overrides: dict = {}
+    for item in settings:
+        key, _, value = item.partition("=")
+        if key in own:
+            setattr(cfg, key, yaml.safe_load(value))
+        else:
+            overrides[key] = yaml.safe_load(value)  # validated as a TrainConfig field by train_config
+    return replace(cfg, train_overrides=overrides)
+
+
+def train_identifier_embeddings_only(identifier: str) -> None:
+    """Patch full fine-tuning so that the text encoder trains only the identifier's embedding rows
+    (every other prompt's encoding stays exactly the base's). An experiment, not a product option."""
+    from style_dreambooth.training import trainables
+
+    full_init, param_groups = trainables.FullTrainables.__init__, trainables._param_groups
+
+    def init(self, cfg, unet, text_encoder) -> None:
+        full_init(self, cfg, unet, text_encoder)
+        from transformers import CLIPTokenizer
+
+        ids = CLIPTokenizer.from_pretrained(cfg.base_model, subfolder="tokenizer")(
+            identifier, add_special_tokens=False).input_ids
+        text_encoder.requires_grad_(False)
+        weight = text_encoder.get_input_embeddings().weight
+        weight.requires_grad_(True)
+        rows = torch.zeros(weight.shape[0], 1)
+        rows[ids] = 1.0
+        weight.register_hook(lambda grad: grad * rows.to(grad))
+
+    def groups(cfg, modules):
+        out = param_groups(cfg, modules)
+        for group in out[1:]:
+            group["weight_decay"] = 0.0  # so the frozen rows do not decay either
+        return out
+
+    trainables.FullTrainables.__init__ = init
+    trainables._param_groups = groups
+
+
+def row(label: str, m: ExperimentMetrics) -> str:
+    return f"| {label} | " + " | ".join(f"{getattr(m, c):.2f}" for c in COLUMNS) + " |"
+
+
+def curve(args) -> None:
+    cfg = experiment_config(args.set)
+    if args.identifier_embeddings_only:
+        train_identifier_embeddings_only(cfg.instance_prompt.split()[0])
+    t0 = time.perf_counter()
+    out = run_curve(cfg, args.work / args.name, [int(s) for s in args.steps.split(",")])
+    settings = " ".join(args.set) + (" identifier-embeddings-only" if args.identifier_embeddings_only else "")
+    lines = [row(f"{args.name} ({settings or 'defaults'}) step {k}", m) for k, m in out.items()]
+    with open(args.work / "summary.md", "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"| run | {' | '.join(COLUMNS)} |\n" + "\n".join(lines) + f"\n{time.perf_counter() - t0:.0f} s")
+
+
+def _encode(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0][0]
+
+
+def swap(args) -> None:
+    cfg = experiment_config([])
+    _, instances = _prepare(cfg, args.work / "swap-instances")
+    probe = _Probe(cfg, Judges.load(), instances)
+    tuned = _load_run(args.run / "run", args.checkpoint)
+    base = load_pipe(cfg.base_model)
+    for prompt in PROMPTS:
+        before, after = _encode(base, prompt), _encode(tuned, prompt)
+        print(f"text-encoder drift {prompt!r}: {float((after - before).norm() / before.norm()):.3f}")
+    tuned_unet = copy.copy(tuned)
+    tuned_unet.text_encoder = base.text_encoder
+    tuned_te = copy.copy(tuned)
+    tuned_te.unet = base.unet
+    print(f"| model | {' | '.join(COLUMNS)} |")
+    for label, pipe in (("fine-tuned UNet + fine-tuned text encoder", tuned),
+                        ("fine-tuned UNet + base text encoder", tuned_unet),
+                        ("base UNet + fine-tuned text encoder", tuned_te)):
+        print(row(label, probe.measure(pipe, 0.0, time.perf_counter())), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("runs/proof-world-probe"))
+    ap.add_argument("--threads", type=int, default=1)
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("curve", help="one run, judged at several checkpoints")
+    c.add_argument("name")
+    c.add_argument("--steps", default="250,500,750,1000")
+    c.add_argument("--set", action="append", default=[], help="key=value (ExperimentConfig or TrainConfig field)")
+    c.add_argument("--identifier-embeddings-only", action="store_true")
+    s = sub.add_parser("swap", help="judge a run with its UNet or text encoder swapped for the base's")
+    s.add_argument("run", type=Path, help="a curve's work folder (holding run/)")
+    s.add_argument("--checkpoint", default=None, help="step-N folder (default: the final model)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    (curve if args.command == "curve" else swap)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
