@@ -346,3 +346,28 @@ def test_resume_keeps_the_fused_optimizer(tmp_path, tiny_model, instance_dir, ca
         handle.remove()
     assert code == 0, err
     assert seen and all(flag is True for flags in seen for flag in flags)
+
+
+def test_truncate_metrics_survives_a_torn_last_line(tmp_path):
+    from style_dreambooth.training.run_folder import RunFolder
+
+    run = RunFolder(tmp_path)
+    run.metrics.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
+    run.truncate_metrics(2)
+    assert [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()] == [1, 2]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_refuses_a_new_learning_rate(tmp_path, tiny_model, instance_dir):
+    from style_dreambooth.config import TrainConfig
+    from style_dreambooth.errors import UserError
+    from style_dreambooth.training.loop import check_resume_config
+    from style_dreambooth.training.run_folder import RunFolder
+
+    cfg = TrainConfig(base_model=str(tiny_model), instance_dir=instance_dir, instance_prompt="zwx style",
+                      with_prior_preservation=False, output_dir=tmp_path, learning_rate=1e-4)
+    run = RunFolder(tmp_path)
+    run.config.write_text(yaml.safe_dump(cfg.to_yaml_dict()), encoding="utf-8")
+    check_resume_config(run, cfg.model_copy(update={"max_train_steps": 2000}))  # more steps: fine
+    with pytest.raises(UserError, match="learning_rate is 0.0001 in its config.yaml but 0.01 now"):
+        check_resume_config(run, cfg.model_copy(update={"learning_rate": 1e-2}))

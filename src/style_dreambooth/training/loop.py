@@ -53,6 +53,8 @@ RESUME_FIXED_KEYS = (
     "base_model", "method", "rank", "lora_alpha", "lora_targets", "train_text_encoder", "use_8bit_adam",
     "seed", "train_batch_size", "gradient_accumulation_steps", "resolution", "center_crop",
     "with_prior_preservation", "instance_prompt",
+    # the optimizer and schedule state come from the checkpoint, so a new value would be ignored
+    "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,12 +91,17 @@ class RunFolder:
         """Drop metric lines past `after_step` (a resumed run rewrites them)."""
         if not self.metrics.exists():
             return
-        kept = [
-            line
-            for line in self.metrics.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step
-        ]
-        self.metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write; its step is written again
+            if record.get("step", 0) <= after_step:
+                kept.append(line)
+        tmp = self.metrics.with_name(self.metrics.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.metrics)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as f:
