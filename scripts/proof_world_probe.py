@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from style_dreambooth.models.backbone import PromptEncoder
 from style_dreambooth.toyworld.demo import demo_config
 from style_dreambooth.toyworld.experiment import ExperimentConfig, ExperimentMetrics, _load_run, _prepare, _Probe, run_curve
 from style_dreambooth.toyworld.evaluate import load_pipe
@@ -99,10 +100,8 @@ def curve(args) -> None:
 
 
 def _encode(pipe, prompt: str) -> torch.Tensor:
-    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        return pipe.text_encoder(ids)[0][0]
+        return PromptEncoder(pipe.tokenizer, torch.device("cpu"))(pipe.text_encoder, [prompt])[0]
 
 
 def swap(args) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,13 @@ from .checkpoints import list_checkpoints
 _RUN_ARTEFACTS = (
     "model", "checkpoints", "samples", "logs", "metrics.jsonl", "config.yaml", "eval", "report.html", "report_files",
 )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename, so a crash leaves the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,7 @@ class RunFolder:
                 path.unlink()
 
     def write_config(self, data: dict[str, Any]) -> None:
-        tmp = self.config.with_name(".config.yaml.tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        tmp.replace(self.config)
+        _write_atomically(self.config, yaml.safe_dump(data, sort_keys=False))
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines past `after_step` (a resumed run rewrites them)."""
@@ -99,9 +103,7 @@ class RunFolder:
                 continue  # a line torn by a crash mid-write; its step is written again
             if record.get("step", 0) <= after_step:
                 kept.append(line)
-        tmp = self.metrics.with_name(self.metrics.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.metrics)
+        _write_atomically(self.metrics, "".join(line + "\n" for line in kept))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as f:
