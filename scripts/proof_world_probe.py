@@ -28,12 +28,13 @@ import torch
 import yaml
 
 from style_dreambooth.models.backbone import PromptEncoder
+from style_dreambooth.toyworld import experiment
 from style_dreambooth.toyworld.demo import demo_config
 from style_dreambooth.toyworld.experiment import ExperimentConfig, ExperimentMetrics, _load_run, _prepare, _Probe, run_curve
 from style_dreambooth.toyworld.evaluate import load_pipe
 from style_dreambooth.toyworld.judges import Judges
 
-COLUMNS = ("style_hit_rate", "leak_rate", "subject_acc_token", "colour_acc_token", "subject_acc_plain",
+COLUMNS = ("style_hit_rate", "leak_rate", "leak_rate_plain", "leak_rate_class", "subject_acc_token", "colour_acc_token", "subject_acc_plain",
            "colour_acc_plain", "max_instance_ssim")
 PROMPTS = ("a yellow star, yltcaxe artstyle", "a yellow star, artstyle", "a yellow star", "a yellow heart", "",
            "yltcaxe artstyle", "artstyle")
@@ -90,9 +91,12 @@ def curve(args) -> None:
     cfg = experiment_config(args.set)
     if args.identifier_embeddings_only:
         train_identifier_embeddings_only(cfg.instance_prompt.split()[0])
+    if args.instance_style:
+        experiment.ARTIST_STYLE = args.instance_style  # instance images, hit and leak all read this style
     t0 = time.perf_counter()
     out = run_curve(cfg, args.work / args.name, [int(s) for s in args.steps.split(",")])
     settings = " ".join(args.set) + (" identifier-embeddings-only" if args.identifier_embeddings_only else "")
+    settings += f" instance-style={args.instance_style}" if args.instance_style else ""
     lines = [row(f"{args.name} ({settings or 'defaults'}) step {k}", m) for k, m in out.items()]
     with open(args.work / "summary.md", "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--steps", default="250,500,750,1000")
     c.add_argument("--set", action="append", default=[], help="key=value (ExperimentConfig or TrainConfig field)")
     c.add_argument("--identifier-embeddings-only", action="store_true")
+    c.add_argument("--instance-style", default=None,
+                   help="draw the instance images in this style instead of yltcaxe (hit and leak then judge it)")
     s = sub.add_parser("swap", help="judge a run with its UNet or text encoder swapped for the base's")
     s.add_argument("run", type=Path, help="a curve's work folder (holding run/)")
     s.add_argument("--checkpoint", default=None, help="step-N folder (default: the final model)")

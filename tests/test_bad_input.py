@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -157,6 +156,37 @@ def test_generate_bad_inputs(tmp_path, tiny_model, capsys):
     code, _, err = run_cli(capsys, "generate", "--model", tiny_model, "--prompt", "x", "--width", "70",
                            "--out", tmp_path / "g")
     _assert_user_error(code, err, "--width", "70")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(np.random.default_rng(0).bytes(5000))
+    for extra, needles in (
+        (["--guidance", "nan"], ["--guidance", "nan"]),
+        (["--seed", str(2**64)], ["--seed", str(2**64)]),
+        (["--width", "100000"], ["--width", "100000"]),
+        (["--lora", junk], [str(junk), "not a readable"]),
+        (["--lora", f"{junk}:strong"], ["strong", "not a number"]),
+        (["--lora", f"{junk}:nan"], ["finite"]),
+    ):
+        code, _, err = run_cli(capsys, "generate", "--model", tiny_model, "--prompt", "x", "-n", "1", "--steps", "1",
+                               "--out", tmp_path / "g", *[str(e) for e in extra])
+        _assert_user_error(code, err, *needles)
+    code, _, err = run_cli(capsys, "random-model", "--seed", str(2**64), tmp_path / "m")
+    _assert_user_error(code, err, "--seed")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--learning-rate", "inf"), ("--prior-loss-weight", "nan"),
+                                        ("--text-encoder-lr", "-inf"), ("--seed", str(2**64))])
+def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, run_train, instance_dir, flag, value):
+    code, _, err = run_train(instance_dir, flag, value)
+    _assert_user_error(code, err, flag.lstrip("-").replace("-", "_"), value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_run_stops_without_saving_a_model(tmp_path, run_train, instance_dir):
+    code, _, err = run_train(instance_dir, "--learning-rate", "1e30", "--max-train-steps", "3", "--no-8bit-adam",
+                             "--logging-steps", "1")
+    _assert_user_error(code, err, "diverged at step", "--learning-rate")
+    assert not (tmp_path / "out" / "model").exists()
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "P", "I;16", "RGBA", "EXIF"])
@@ -207,3 +237,33 @@ def test_mixed_precision_no_in_yaml(tmp_path, instance_dir):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(f"instance_dir: {instance_dir}\ninstance_prompt: a b\noutput_dir: o\nmixed_precision: no\n")
     assert build_config(read_yaml(cfg_file), {}).mixed_precision == "no"
+
+
+def test_bad_prompt_files_and_output_folders(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"instance_prompt": "zwx style", "class_prompt": "style"}))
+    bad = {
+        "broken.yaml": ("token: [unclosed\n".encode(), "not valid YAML"),
+        "latin1.yaml": ("token: ['caf\xe9']\n".encode("latin-1"), "not valid YAML"),
+        "latin1.txt": ("caf\xe9\n".encode("latin-1"), "not UTF-8"),
+        "scalar.yaml": (b"token: {a: 1}\n", "'token' must be a list"),
+    }
+    for name, (content, needle) in bad.items():
+        (tmp_path / name).write_bytes(content)
+        code, _, err = run_cli(capsys, "evaluate", run, "--prompts", tmp_path / name, "--clip", "none", "--dino", "none")
+        _assert_user_error(code, err, name, needle)
+    code, _, err = run_cli(capsys, "evaluate", run, "--seeds", "-1", "--clip", "none", "--dino", "none")
+    _assert_user_error(code, err, "--seeds", "between 0 and")
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    code, _, err = run_cli(capsys, "demo", "--out", a_file)
+    _assert_user_error(code, err, "--out", str(a_file), "is a file")
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text(yaml.safe_dump({"instance_dir": str(tmp_path), "instance_prompt": "zwx style"}))
+    code, _, err = run_cli(capsys, "sweep", "--config", cfg, "--grid", "seed=1,2", "--out", a_file)
+    _assert_user_error(code, err, "--out", str(a_file))
+    assert a_file.read_text() == "mine"
+    code, _, err = run_cli(capsys, "demo", "--out", a_file / "inside")
+    _assert_user_error(code, err, "--out", "not writable")

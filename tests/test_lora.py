@@ -99,7 +99,8 @@ def test_train_lora_end_to_end(tmp_path, tiny_model, instance_dir, cache_env, ca
 
     # resume a LoRA run from its checkpoint
     code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, run, "--method", "lora", "--rank", "2",
-                                               "--max-train-steps", "4", "--resume-from-checkpoint", "latest"))
+                                               "--max-train-steps", "4", "--resume-from-checkpoint", "latest",
+                                                   "--overwrite"))
     assert code == 0, err
 
 

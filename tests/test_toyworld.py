@@ -192,7 +192,7 @@ def test_demo_page_shows_grids_and_metrics(tmp_path):
     images = [apply_style(s) for s in instance_scenes(5)]
     gallery = Gallery(rows=[("a yellow star, yltcaxe artstyle", images[:2], images[2:4])], instances=images)
     metrics = ExperimentMetrics(
-        style_hit_rate=0.9, leak_rate=0.0, subject_acc_token=0.7, colour_acc_token=0.8, subject_acc_plain=0.8,
+        style_hit_rate=0.9, leak_rate=0.0, leak_rate_plain=0.0, leak_rate_class=0.0, subject_acc_token=0.7, colour_acc_token=0.8, subject_acc_plain=0.8,
         colour_acc_plain=0.9, base_subject_acc=0.8, base_colour_acc=0.9, base_style_hit_rate=0.0,
         drift_pixel_plain=0.01, drift_pixel_artstyle=0.02, drift_style_tv_artstyle=0.1,
         style_mix_artstyle_base={"plain": 1.0}, style_mix_artstyle_tuned={"plain": 1.0}, memorisation_rate=0.0,

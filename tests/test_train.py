@@ -341,7 +341,7 @@ def test_resume_keeps_the_fused_optimizer(tmp_path, tiny_model, instance_dir, ca
     )
     try:
         code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, run, *common, "--max-train-steps", "4",
-                                                   "--resume-from-checkpoint", "latest"))
+                                                   "--resume-from-checkpoint", "latest", "--overwrite"))
     finally:
         handle.remove()
     assert code == 0, err
@@ -371,3 +371,56 @@ def test_resume_refuses_a_new_learning_rate(tmp_path, tiny_model, instance_dir):
     check_resume_config(run, cfg.model_copy(update={"max_train_steps": 2000}))  # more steps: fine
     with pytest.raises(UserError, match="learning_rate is 0.0001 in its config.yaml but 0.01 now"):
         check_resume_config(run, cfg.model_copy(update={"learning_rate": 1e-2}))
+
+
+def test_resume_protects_a_finished_model_and_refuses_foreign_checkpoints(tmp_path, tiny_model, instance_dir,
+                                                                           cache_env, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    common = ["--no-8bit-adam", "--checkpointing-steps", "2", "--max-train-steps", "3"]
+    for folder in (run, other):
+        assert run_cli(capsys, *train_args(tiny_model, instance_dir, folder, *common))[0] == 0
+    weights = run / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+
+    # Resuming a finished run would replace its model: refused unless --overwrite says so.
+    more = ["--no-8bit-adam", "--checkpointing-steps", "2", "--max-train-steps", "4"]
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, run, *more, "--resume-from-checkpoint", "latest"))
+    assert code == 2 and "finished model" in err and "--overwrite" in err
+    assert weights.read_bytes() == before
+
+    # Another run's checkpoint is not this run's history.
+    foreign = other / "checkpoints" / "step-000002"
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, run, *more, "--overwrite",
+                                               "--resume-from-checkpoint", foreign))
+    assert code == 2 and "belongs to the run in" in err and str(other) in err
+    assert weights.read_bytes() == before
+
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, run, *more, "--overwrite",
+                                               "--resume-from-checkpoint", run / "checkpoints" / "step-000002"))
+    assert code == 0, err
+    assert weights.read_bytes() != before and [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def test_replace_folder_keeps_a_whole_copy_when_the_rename_fails(tmp_path, monkeypatch):
+    from style_dreambooth.files import replace_folder
+
+    final, staged = tmp_path / "model", tmp_path / ".model.tmp"
+    final.mkdir()
+    (final / "w").write_text("old")
+    staged.mkdir()
+    (staged / "w").write_text("new")
+    real_rename = Path.rename
+
+    def failing(self, target):
+        if self == staged:
+            raise OSError("disk gone")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError):
+        replace_folder(staged, final)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert (tmp_path / ".model.old" / "w").read_text() == "old"  # the old model survives, aside
+    replace_folder(staged, final)
+    assert (final / "w").read_text() == "new" and not (tmp_path / ".model.old").exists()

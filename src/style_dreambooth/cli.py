@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .config import TrainConfig, build_config, field_aliases, read_yaml
+from .config import MAX_SEED, TrainConfig, build_config, field_aliases, read_yaml
 from .errors import UserError
 
 
@@ -103,13 +103,13 @@ def train(config_file: Path | None, **flags: Any) -> None:
 @click.option("--negative-prompt", default="", help="What to avoid.")
 @click.option("-n", "--num-images", "n", default=4, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--steps", default=25, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--guidance", default=7.5, show_default=True, type=click.FloatRange(0, 100))
 @click.option(
     "--scheduler", default="dpm++", show_default=True, type=click.Choice(["dpm++", "ddim", "euler-a", "pndm"])
 )
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--width", type=int, default=None, help="Default: the model's native size.")
-@click.option("--height", type=int, default=None, help="Default: the model's native size.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
+@click.option("--width", type=click.IntRange(8, 4096), default=None, help="Default: the model's native size.")
+@click.option("--height", type=click.IntRange(8, 4096), default=None, help="Default: the model's native size.")
 @click.option("--checkpoint", default=None,
               help="With a run folder: 'best' (after evaluate), 'latest' or step-N instead of the final model.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.ckpt/.bin) models.")
@@ -126,7 +126,7 @@ def generate(**kw: Any) -> None:
 
 @app.command("random-model")
 @click.option("--shape", type=click.Choice(["tiny", "sd15"]), default="tiny", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
 @click.argument("out", type=click.Path(path_type=Path))
@@ -163,6 +163,8 @@ def _eval_kwargs(prompt_file, seeds: str, steps: int, clip: str, dino: str, judg
         raise UserError(f"--seeds '{seeds}' must be comma-separated integers") from None
     if not seed_list:
         raise UserError("--seeds needs at least one seed")
+    if not all(0 <= s <= MAX_SEED for s in seed_list):
+        raise UserError(f"--seeds '{seeds}': each seed must be between 0 and {MAX_SEED}")
     scorers = judge_scorers(judges)
     learned = LearnedMetrics.load(clip=None if clip == "none" else clip, dino=None if dino == "none" else dino)
     return {"prompt_file": prompt_file, "seeds": seed_list, "steps": steps, "learned": learned, "scorers": scorers}

@@ -18,6 +18,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from .errors import UserError
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MAX_SEED = 2**32 - 1  # as in A1111 and diffusers' scripts; seed + i must still fit torch's 64-bit seeds
 
 # LoRA on the attention projections of the UNet (to_*) and the CLIP text encoder (*_proj).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
@@ -34,7 +35,7 @@ def _alias(*names: str) -> AliasChoices:
 class TrainConfig(BaseModel):
     """Everything that shapes a training run. Defaults are the reference configuration."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
 
     # Model
     base_model: str = Field(
@@ -102,7 +103,7 @@ class TrainConfig(BaseModel):
     )
     resolution: int = Field(512, ge=64, description="Training resolution in pixels (square).")
     center_crop: bool = Field(False, description="Center-crop instead of random crop.")
-    seed: int = Field(1337, ge=0, description="One seed for data order, noise, timesteps and validation.")
+    seed: int = Field(1337, ge=0, le=MAX_SEED, description="One seed for data order, noise, timesteps and validation.")
     output_dir: Path = Field(..., description="Run folder.")
     overwrite: bool = Field(False, description="Replace a finished run in the output dir.")
     snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR weighting gamma (5.0 is common).")

@@ -15,6 +15,7 @@ import yaml
 
 from .config import build_config, load_yaml, normalize_keys, read_yaml
 from .errors import UserError
+from .files import make_output_dir
 from .evaluation.agreement import pooled_rank_correlation
 from .evaluation.evaluate import RunEvaluation, evaluate_run
 from .reports.html import write_report
@@ -167,7 +168,7 @@ def run_sweep(
     plan = sweep_plan(grid, runs)
     # Validate every run's config before any training starts.
     configs = [build_config(base, {**over, "output_dir": out / "runs" / name}) for name, over in plan]
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "--out")
     record = {"config": str(config_file), "grid": grid, **({"runs": runs} if runs else {})}
     (out / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     evals: list[RunEvaluation] = []

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..errors import UserError
+from ..files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,7 @@ def default_cache_root() -> Path:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _read_manifest(folder: Path, spec: ClassImageSpec) -> dict[int, dict[str, Any]]:

@@ -24,8 +24,10 @@ import torch
 import yaml
 from PIL import Image
 
+from ..config import load_yaml
 from ..data.images import list_images, load_image
 from ..errors import UserError
+from ..files import write_text_atomically
 from ..models.loading import load_run_base, model_identity
 from ..progress import progress_bar
 from ..sampling.generate import resolve_model, sample
@@ -85,20 +87,32 @@ def build_prompts(subjects: list[str], instance_prompt: str, class_prompt: str |
 
 def read_prompt_file(path: Path, instance_prompt: str, class_prompt: str | None) -> PromptSet:
     """A .txt file of subjects (one per line), or YAML with `subjects:` or explicit `token`/`plain`/`class` lists."""
-    if not path.is_file():
-        raise UserError(f"prompt file '{path}' not found")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(path, "prompt file") or {}
         if not isinstance(data, dict):
             raise UserError(f"prompt file '{path}' must map 'subjects' (or 'token', 'plain', 'class') to lists")
-        if "subjects" in data:
-            return build_prompts([str(s) for s in data["subjects"]], instance_prompt, data.get("class", class_prompt))
-        unknown = set(data) - {"token", "plain", "class"}
+        unknown = set(data) - {"subjects", "token", "plain", "class"}
         if unknown:
             raise UserError(f"prompt file '{path}' has unknown key '{sorted(unknown)[0]}'; use subjects, token, plain, class")
-        klass = data.get("class", [class_prompt] if class_prompt else [])
-        return PromptSet(list(data.get("token", [])), list(data.get("plain", [])), [klass] if isinstance(klass, str) else list(klass))
+
+        def strings(key: str, default: list[str]) -> list[str]:
+            value = data.get(key, default)
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+                raise UserError(f"prompt file '{path}': '{key}' must be a list of prompts")
+            return [str(v) for v in value]
+
+        klass = strings("class", [class_prompt] if class_prompt else [])
+        if "subjects" in data:
+            subjects = build_prompts(strings("subjects", []), instance_prompt, None)
+            return PromptSet(subjects.token, subjects.plain, klass)
+        return PromptSet(strings("token", []), strings("plain", []), klass)
+    if not path.is_file():
+        raise UserError(f"prompt file '{path}' not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file '{path}' is not UTF-8 text; save it as UTF-8") from None
     subjects = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not subjects:
         raise UserError(f"prompt file '{path}' has no subjects; write one per line")
@@ -317,12 +331,10 @@ def evaluate_run(
                 base_class = images["class"]  # the reference for prior drift
             if metrics is None:  # new images, or stored images scored with other extra scorers or CLIP/DINO
                 metrics = scorer.score(images, prompts.by_kind(), len(settings.seeds), base_class)
-                tmp = scores_file.with_name(".scores.json.tmp")
                 record = {"settings": settings.key(), "model": identity, "n_images": n_images,
                           "scorers": scorer.extra_names, "learned": scorer.learned_id, "instances": instances_hash,
                           "metrics": metrics}
-                tmp.write_text(json.dumps(record, indent=1))
-                os.replace(tmp, scores_file)
+                write_text_atomically(scores_file, json.dumps(record, indent=1))
             if shared is not None and not (shared / "scores.json").is_file():
                 _publish(folder, shared)
             points.append(Point(step, name, metrics))
@@ -395,9 +407,7 @@ def write_summary(result: RunEvaluation) -> Path:
         "skipped": result.skipped,
         "judge_agreement": result.agreement.to_dict() if result.agreement else None,
     }
-    tmp = path.with_name(".metrics.json.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=1))
     return path
 
 

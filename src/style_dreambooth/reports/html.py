@@ -10,6 +10,7 @@ import html
 import os
 from pathlib import Path
 
+from ..files import write_text_atomically
 from ..evaluation.agreement import format_rho, pooled_rank_correlation
 from ..evaluation.evaluate import RunEvaluation
 
@@ -206,7 +207,5 @@ def write_report(evals: list[RunEvaluation], out_dir: Path, title: str) -> Path:
             parts.append(f"<p class='note'>Skipped metrics:</p><ul class='note'>{items}</ul>")
     parts.append("<p class='note'>Metric definitions: docs/metrics.md in the Style-DreamBooth repository.</p></body></html>")
     path = out_dir / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(parts))
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from PIL import Image
 
 from ..errors import UserError
+from ..files import make_output_dir
 from ..models.backbone import assemble_pipeline
 from ..models.loading import load_pipeline, load_run_base
 from ..progress import progress_bar
@@ -66,14 +68,16 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
     """'FILE' or 'FILE:SCALE' -> (path, scale); the scale defaults to 1.0."""
-    path, scale = spec, 1.0
+    file, scale = Path(spec).expanduser(), 1.0
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
+    if not file.is_file() and sep and head:  # a file name may hold a colon itself
         try:
-            path, scale = head, float(tail)
+            file, scale = Path(head).expanduser(), float(tail)
         except ValueError:
-            pass
-    file = Path(path).expanduser()
+            if Path(head).expanduser().is_file():
+                raise UserError(f"--lora '{spec}': the scale '{tail}' is not a number; pass FILE.safetensors[:SCALE]") from None
+        if not math.isfinite(scale):
+            raise UserError(f"--lora '{spec}': the scale must be a finite number, not {tail}")
     if not file.is_file():
         raise UserError(f"LoRA file '{file}' not found; pass --lora FILE.safetensors[:SCALE]")
     if file.suffix != ".safetensors":
@@ -93,6 +97,8 @@ def apply_loras(pipe, specs: list[str]) -> list[str]:
         name = f"lora{i}"
         try:
             pipe.load_lora_weights(str(file), adapter_name=name)
+        except OSError:  # what diffusers raises for a file it cannot read as safetensors
+            raise UserError(f"LoRA file '{file}' is not a readable .safetensors file (damaged or not a LoRA)") from None
         except (ValueError, KeyError, RuntimeError) as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise UserError(f"LoRA file '{file}' does not fit this model ({first})") from None
@@ -156,6 +162,8 @@ class GenerateRequest:
 
 def generate(req: GenerateRequest) -> list[Path]:
     """Write `req.n` PNGs (each with its parameters) and a grid into `req.out`."""
+    if not math.isfinite(req.guidance):
+        raise UserError(f"--guidance must be a finite number, not {req.guidance}")
     if req.scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{req.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
     for name, value in (("--width", req.width), ("--height", req.height)):
@@ -163,10 +171,7 @@ def generate(req: GenerateRequest) -> list[Path]:
             raise UserError(f"{name} {value} must be a positive multiple of 8")
     cuda = torch.cuda.is_available()
     pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, torch.float16 if cuda else None)
-    try:
-        req.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"output dir '{req.out}' is not writable ({exc.strerror}); choose another --out") from None
+    make_output_dir(req.out, "--out")
     lora_labels = apply_loras(pipe, list(req.lora))
     if lora_labels:
         label += " + " + " + ".join(lora_labels)

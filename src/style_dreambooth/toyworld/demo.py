@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files import make_output_dir
 from ..reports.html import format_cell
 from ..sampling.images import make_grid
 from .experiment import ExperimentConfig, ExperimentMetrics, Gallery, run_experiment
@@ -33,6 +34,8 @@ def demo_config(steps: int | None = None) -> ExperimentConfig:
 _ROWS = (
     ("style_hit_rate", "Style hit: held-out subjects with the token judged yltcaxe", "higher is better"),
     ("leak_rate", "Leak: prompts without the token judged yltcaxe", "lower is better"),
+    ("leak_rate_plain", "Leak, plain prompts ('a yellow star')", "lower is better"),
+    ("leak_rate_class", "Leak, class-prompt prompts ('a yellow star, artstyle')", "lower is better"),
     ("subject_acc_token", "Subject accuracy with the token", ""),
     ("colour_acc_token", "Colour accuracy with the token", ""),
     ("subject_acc_plain", "Subject accuracy, plain prompts (fine-tuned)", ""),
@@ -101,8 +104,7 @@ def write_html(out: Path, metrics: ExperimentMetrics, gallery: Gallery, wall_sec
 def run_demo(out: Path, *, steps: int | None = None) -> Path:
     """Run the proof-world demo into ``out`` (created if needed); return the path of ``out/index.html``."""
     t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(Path(out), "--out")
     gallery = Gallery()
     metrics = run_experiment(demo_config(steps), out / "work", Judges.load(), gallery)
     path = write_html(out, metrics, gallery, time.perf_counter() - t0)

@@ -84,6 +84,8 @@ class ExperimentConfig:
 class ExperimentMetrics:
     style_hit_rate: float  # fine-tuned, token in prompt, held-out subjects/colours: judged yltcaxe
     leak_rate: float  # fine-tuned, no token (plain + "artstyle" prompts): judged yltcaxe
+    leak_rate_plain: float  # the plain prompts alone ("a yellow star")
+    leak_rate_class: float  # the class-prompt prompts alone ("a yellow star, artstyle")
     subject_acc_token: float
     colour_acc_token: float
     subject_acc_plain: float  # fine-tuned, plain prompts
@@ -303,6 +305,8 @@ class _Probe:
         return ExperimentMetrics(
             style_hit_rate=tok.style_rate(ARTIST_STYLE),
             leak_rate=leak,
+            leak_rate_plain=pla.style_rate(ARTIST_STYLE),
+            leak_rate_class=cla.style_rate(ARTIST_STYLE),
             subject_acc_token=tok.subject_acc,
             colour_acc_token=tok.colour_acc,
             subject_acc_plain=pla.subject_acc,

@@ -8,7 +8,6 @@ named ``step-N`` is always whole. The trained modules are saved in diffusers for
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
+from ..files import replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,13 @@ def resolve_checkpoint(run_dir: Path, spec: str) -> Path:
         candidates.append(run_dir / "checkpoints" / checkpoint_name(int(m.group(1))))
     for path in candidates:
         if path.is_dir() and (path / STATE_FILE).is_file():
+            owner = path.resolve().parent.parent
+            if owner != run_dir.resolve():
+                # its weights, optimizer state and metrics history belong to that run's config
+                raise UserError(
+                    f"checkpoint '{spec}' belongs to the run in '{owner}', not to --output-dir '{run_dir}'; "
+                    f"resume that run with --output-dir '{owner}'"
+                )
             return path
     raise UserError(f"checkpoint '{spec}' not found (looked in '{run_dir / 'checkpoints'}'); use 'latest' or a step-N folder")
 
@@ -79,9 +86,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     write_weights(tmp)
     torch.save({"step": step, **state}, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)
     log.info("saved checkpoint %s", final)
     if total_limit is not None:
         existing = list_checkpoints(run_dir)

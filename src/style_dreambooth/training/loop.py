@@ -7,6 +7,7 @@ steps (log, sample, checkpoint) -> final model. Only the main process writes fil
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from datetime import timedelta
@@ -334,7 +335,8 @@ def _train(cfg: TrainConfig) -> Path:
         now = time.perf_counter()
         rate = len(pending) / max(now - t_last, 1e-9)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        for (step_no, lr, _), (loss, inst, prior_loss) in zip(list(pending), values):
+        flushed = list(pending)
+        for (step_no, lr, _), (loss, inst, prior_loss) in zip(flushed, values):
             pending.pop(0)  # taken before it is written: an interrupted flush never writes a step twice
             record = {
                 "step": step_no, "loss": loss, "instance_loss": inst,
@@ -348,6 +350,13 @@ def _train(cfg: TrainConfig) -> Path:
         if bar:
             bar.update(0, info=f"loss {values[-1][0]:.4f}")
         t_last = now
+        bad = next(((s, v[0]) for (s, _, _), v in zip(flushed, values) if not math.isfinite(v[0])), None)
+        # A non-finite loss alone can be a skipped fp16 step; non-finite weights cannot recover.
+        if bad is not None and any(not bool(torch.isfinite(p).all()) for p in params):
+            raise UserError(
+                f"training diverged at step {bad[0]}: the loss is {bad[1]} and the weights are no longer finite; "
+                f"start again with a lower --learning-rate (was {cfg.learning_rate:g}); no model was saved"
+            )
 
     for m in trained.values():
         m.train()
@@ -440,9 +449,7 @@ def _train(cfg: TrainConfig) -> Path:
             # Frozen parts were cast to half precision for training; save them from an fp32 load.
             base = load_run_base(cfg.model_dump(), torch.float32)
         trainables.save_final(tmp, base, {k: accelerator.unwrap_model(m) for k, m in trained.items()})
-        if run.model.exists():
-            shutil.rmtree(run.model)
-        tmp.rename(run.model)
+        run.install_model(tmp)
         log.info("saved final model to %s", run.model)
     accelerator.end_training()
     return run.model

@@ -11,19 +11,13 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..files import make_output_dir, replace_folder, write_text_atomically
 from .checkpoints import list_checkpoints
 
 # Artefacts a run writes; --overwrite removes exactly these and nothing else.
 _RUN_ARTEFACTS = (
     "model", "checkpoints", "samples", "logs", "metrics.jsonl", "config.yaml", "eval", "report.html", "report_files",
 )
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `path` through a temporary file and a rename, so a crash leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -57,8 +51,11 @@ class RunFolder:
         """Refuse to clobber a run and check the folder is writable. Deletes nothing: a fresh run
         calls `clear_artefacts` only once all its inputs have been checked."""
         root = self.root
-        if root.exists() and not root.is_dir():
-            raise UserError(f"output dir '{root}' is a file; pass a folder path to --output-dir")
+        if resuming and not overwrite and self.is_finished():
+            raise UserError(
+                f"output dir '{root}' already holds a finished model in '{self.model}', which resuming would "
+                "replace; pass --overwrite to allow that, or copy the model elsewhere first"
+            )
         if not resuming and not overwrite:
             if self.is_finished():
                 raise UserError(
@@ -70,13 +67,7 @@ class RunFolder:
                     f"output dir '{root}' holds an unfinished run with checkpoints; pass "
                     "--resume-from-checkpoint latest to continue it or --overwrite to start over"
                 )
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            probe = root / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise UserError(f"output dir '{root}' is not writable ({exc.strerror}); choose another --output-dir") from None
+        make_output_dir(root, "--output-dir")
 
     def clear_artefacts(self) -> None:
         """Remove a previous run's artefacts (and nothing else) before a fresh run writes its own."""
@@ -88,8 +79,13 @@ class RunFolder:
             elif path.exists():
                 path.unlink()
 
+    def install_model(self, staged: Path) -> None:
+        """Move a fully written model folder into place. The old model is renamed aside first and
+        removed last, so a crash at any point leaves a whole model (old or new) on disk."""
+        replace_folder(staged, self.model)
+
     def write_config(self, data: dict[str, Any]) -> None:
-        _write_atomically(self.config, yaml.safe_dump(data, sort_keys=False))
+        write_text_atomically(self.config, yaml.safe_dump(data, sort_keys=False))
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines past `after_step` (a resumed run rewrites them)."""
@@ -103,7 +99,7 @@ class RunFolder:
                 continue  # a line torn by a crash mid-write; its step is written again
             if record.get("step", 0) <= after_step:
                 kept.append(line)
-        _write_atomically(self.metrics, "".join(line + "\n" for line in kept))
+        write_text_atomically(self.metrics, "".join(line + "\n" for line in kept))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as f:
