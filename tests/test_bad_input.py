@@ -174,6 +174,13 @@ def test_generate_bad_inputs(tmp_path, tiny_model, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_empty_instance_prompt_is_named(tmp_path, run_train, instance_dir, capsys):
+    code, _, err = run_cli(capsys, "train", "--instance-dir", instance_dir, "--instance-prompt", " ",
+                           "--output-dir", tmp_path / "out")
+    _assert_user_error(code, err, "'instance_prompt'", "must not be empty")
+    assert len(err) < 200 and "Value error" not in err
+
+
 @pytest.mark.parametrize("flag,value", [("--learning-rate", "inf"), ("--prior-loss-weight", "nan"),
                                         ("--text-encoder-lr", "-inf"), ("--seed", str(2**64))])
 def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, run_train, instance_dir, flag, value):

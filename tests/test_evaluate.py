@@ -51,6 +51,10 @@ def test_evaluate_run_then_generate_best(tmp_path, tiny_model, instance_dir, cac
     before = {p: p.stat().st_mtime_ns for p in images}
     assert run_cli(capsys, "evaluate", run, "--prompts", prompts, *EVAL)[0] == 0
     assert {p: p.stat().st_mtime_ns for p in images} == before
+    # ... and still says why CLIP and DINO are missing
+    again = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(summary["skipped"]) >= {"clip_t", "clip_i", "dino"}
+    assert again["skipped"] == summary["skipped"]
 
     code, _, err = run_cli(capsys, "generate", "--model", run, "--checkpoint", "best", "--prompt", "x", "-n", "1",
                            "--steps", "2", "--out", tmp_path / "g")

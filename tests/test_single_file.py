@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from style_dreambooth.errors import UserError
@@ -403,6 +404,11 @@ def test_export_cli_and_train_from_single_file(tmp_path, tiny_model, instance_di
     code, _, err = run_cli(capsys, *train_args(out, instance_dir, run2, "--max-train-steps", "1",
                                                "--base-config", tiny_model, "--no-prior-preservation"))
     assert code == 0, err
+    # generate reads the same file, taking its configs from --base-config (offline)
+    code, _, err = run_cli(capsys, "generate", "--model", out, "--base-config", tiny_model, "--prompt", "x",
+                           "-n", "1", "--steps", "1", "--out", tmp_path / "gen")
+    assert code == 0, err
+    assert "Model: style" in Image.open(tmp_path / "gen" / "000000.png").text["parameters"]
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not really a pickle")
     code, _, err = run_cli(capsys, *train_args(ckpt, instance_dir, tmp_path / "run3"))

@@ -113,6 +113,8 @@ def train(config_file: Path | None, **flags: Any) -> None:
 @click.option("--checkpoint", default=None,
               help="With a run folder: 'best' (after evaluate), 'latest' or step-N instead of the final model.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.ckpt/.bin) models.")
+@click.option("--base-config", default=None,
+              help="With a single-file --model: a diffusers folder or hub id of the same architecture for its configs.")
 @click.option("--lora", multiple=True, help="LoRA file to apply, FILE[:SCALE]; repeat to stack several.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the PNGs and grid.png.")
 def generate(**kw: Any) -> None:

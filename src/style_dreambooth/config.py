@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -145,13 +145,19 @@ class TrainConfig(BaseModel):
                 data = {**data, "lora_targets": [t.strip() for item in targets for t in str(item).split(",") if t.strip()]}
         return data
 
-    @model_validator(mode="after")
-    def _check_prompts(self) -> "TrainConfig":
-        if not self.instance_prompt.strip():
-            raise ValueError("instance_prompt must not be empty")
-        if self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8 (the VAE's scale), e.g. {self.resolution // 8 * 8}")
-        return self
+    @field_validator("instance_prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the instance prompt must not be empty; name the style, e.g. 'yltcaxe artstyle'")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE's scale), e.g. {value // 8 * 8}")
+        return value
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data, re-runnable with `--config`."""
@@ -248,5 +254,5 @@ def describe_validation_error(exc: ValidationError) -> str:
     if err.get("type") == "extra_forbidden":
         return f"unknown config key '{loc}'"
     value = err.get("input")
-    msg = err.get("msg", "invalid value").replace("\n", " ")
+    msg = err.get("msg", "invalid value").replace("\n", " ").removeprefix("Value error, ")
     return f"invalid value {value!r} for '{loc}': {msg}"

@@ -308,6 +308,7 @@ def evaluate_run(
                 elif (cached.get("scorers", []) == scorer.extra_names and cached.get("learned") == scorer.learned_id
                       and cached.get("instances") == instances_hash):
                     metrics = cached["metrics"]
+                    scorer.skipped.update(cached.get("skipped") or {})  # why a metric is missing, as first scored
             if images is None:
                 if spec == "base":
                     pipe = load_run_base(config, dtype)
@@ -333,7 +334,7 @@ def evaluate_run(
                 metrics = scorer.score(images, prompts.by_kind(), len(settings.seeds), base_class)
                 record = {"settings": settings.key(), "model": identity, "n_images": n_images,
                           "scorers": scorer.extra_names, "learned": scorer.learned_id, "instances": instances_hash,
-                          "metrics": metrics}
+                          "metrics": metrics, "skipped": {k: v for k, v in scorer.skipped.items() if metrics.get(k) is None}}
                 write_text_atomically(scores_file, json.dumps(record, indent=1))
             if shared is not None and not (shared / "scores.json").is_file():
                 _publish(folder, shared)

@@ -27,8 +27,10 @@ def _is_run_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.yaml").is_file() and not (path / "model_index.json").exists()
 
 
-def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool = False, dtype=None):
-    """A run folder -> its final model (or `checkpoint`); anything else -> `load_pipeline`.
+def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool = False, dtype=None,
+                  base_config: str | None = None):
+    """A run folder -> its final model (or `checkpoint`); anything else -> `load_pipeline` (a single
+    file takes its component configs from `base_config`).
 
     Returns (pipeline, label) where label names what was loaded.
     """
@@ -36,7 +38,8 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
     if not _is_run_folder(path):
         if checkpoint is not None:
             raise UserError(f"--checkpoint needs a run folder, but '{model}' is not one (no config.yaml)")
-        return load_pipeline(model, torch_dtype=dtype, allow_pickle=allow_pickle), path.name or model
+        return (load_pipeline(model, torch_dtype=dtype, allow_pickle=allow_pickle, single_file_config=base_config),
+                path.name or model)
     if checkpoint == "best":
         from ..evaluation.evaluate import best_checkpoint_spec
 
@@ -158,6 +161,7 @@ class GenerateRequest:
     checkpoint: str | None = None
     allow_pickle: bool = False
     lora: tuple[str, ...] = ()
+    base_config: str | None = None
 
 
 def generate(req: GenerateRequest) -> list[Path]:
@@ -170,7 +174,8 @@ def generate(req: GenerateRequest) -> list[Path]:
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"{name} {value} must be a positive multiple of 8")
     cuda = torch.cuda.is_available()
-    pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, torch.float16 if cuda else None)
+    pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, torch.float16 if cuda else None,
+                                req.base_config)
     make_output_dir(req.out, "--out")
     lora_labels = apply_loras(pipe, list(req.lora))
     if lora_labels:
