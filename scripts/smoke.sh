@@ -16,6 +16,6 @@ mkdir -p "$out"
   --output-dir "$out/run" --resolution 64 --num-class-images 8 --class-inference-steps 10 \
   --max-train-steps 30 --learning-rate 1e-4 --checkpointing-steps 15 --validation-steps 15 \
   --validation-prompt "a boy in yltcaxe artstyle" --overwrite
-"$sd" generate --model "$out/run" --prompt "a boy in yltcaxe artstyle" -n 4 --steps 20 --out "$out/generated"
+"$sd" generate --model "$out/run" --prompt "a boy in yltcaxe artstyle" -n 4 --steps 20 --out "$out/generated" --overwrite
 echo "done: run folder $out/run, images $out/generated (a random-weight model paints noise-like images;"
 echo "      with real SD 1.5 weights use the GPU quickstart in README.md)"

@@ -169,6 +169,17 @@ def test_generate_bad_inputs(tmp_path, tiny_model, capsys):
         code, _, err = run_cli(capsys, "generate", "--model", tiny_model, "--prompt", "x", "-n", "1", "--steps", "1",
                                "--out", tmp_path / "g", *[str(e) for e in extra])
         _assert_user_error(code, err, *needles)
+    code, _, err = run_cli(capsys, "generate", "--model", tiny_model, "--prompt", "x", "-n", "1", "--steps", "1",
+                           "--out", tmp_path / "g2")
+    assert code == 0, err
+    first = (tmp_path / "g2" / "000000.png").read_bytes()
+    code, _, err = run_cli(capsys, "generate", "--model", tiny_model, "--prompt", "y", "-n", "1", "--steps", "1",
+                           "--out", tmp_path / "g2")
+    _assert_user_error(code, err, "000000.png", "--overwrite")
+    assert (tmp_path / "g2" / "000000.png").read_bytes() == first
+    code, _, err = run_cli(capsys, "generate", "--model", tiny_model, "--prompt", "y", "-n", "1", "--steps", "1",
+                           "--out", tmp_path / "g2", "--overwrite")
+    assert code == 0 and (tmp_path / "g2" / "000000.png").read_bytes() != first
     code, _, err = run_cli(capsys, "random-model", "--seed", str(2**64), tmp_path / "m")
     _assert_user_error(code, err, "--seed")
     assert not (tmp_path / "m").exists()
@@ -244,6 +255,22 @@ def test_mixed_precision_no_in_yaml(tmp_path, instance_dir):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(f"instance_dir: {instance_dir}\ninstance_prompt: a b\noutput_dir: o\nmixed_precision: no\n")
     assert build_config(read_yaml(cfg_file), {}).mixed_precision == "no"
+    cfg_file.write_text(f"instance_dir: {instance_dir}\ninstance_prompt: a b\noutput_dir: o\nvalidation_prompt: a tree\n")
+    assert build_config(read_yaml(cfg_file), {}).validation_prompt == ["a tree"]
+
+
+def test_config_that_is_a_folder(tmp_path, instance_dir, capsys):
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path, "--instance-dir", instance_dir,
+                           "--instance-prompt", "a b", "--output-dir", tmp_path / "o")
+    _assert_user_error(code, err, str(tmp_path), "is a folder")
+
+
+def test_train_help_names_types_and_defaults(capsys):
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0 and "PydanticUndefined" not in out
+    flat = " ".join(out.split())
+    assert "--seed INTEGER" in flat and "--learning-rate FLOAT" in flat and "--mixed-precision [no|fp16|bf16]" in flat
+    assert "[default: to_q," in flat
 
 
 def test_bad_prompt_files_and_output_folders(tmp_path, capsys):
@@ -274,3 +301,22 @@ def test_bad_prompt_files_and_output_folders(tmp_path, capsys):
     assert a_file.read_text() == "mine"
     code, _, err = run_cli(capsys, "demo", "--out", a_file / "inside")
     _assert_user_error(code, err, "--out", "not writable")
+
+
+def test_base_model_file_that_is_not_a_checkpoint(tmp_path, run_train, instance_dir, capsys, tiny_model):
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "style_lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, str(lora))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    for file, needle in ((lora, "LoRA"), (junk, "not a readable")):
+        code, _, err = run_cli(capsys, *train_args(file, instance_dir, tmp_path / "out", "--base-config", tiny_model))
+        _assert_user_error(code, err, str(file), needle)
+
+
+def test_bad_lora_targets_are_refused_before_class_images(tmp_path, run_train, instance_dir, cache_env):
+    code, _, err = run_train(instance_dir, "--method", "lora", "--lora-targets", "nothing_here")
+    _assert_user_error(code, err, "nothing_here", "--lora-targets")
+    assert not list(cache_env.rglob("*.png")), "no class image was generated for a run that cannot start"

@@ -424,3 +424,13 @@ def test_replace_folder_keeps_a_whole_copy_when_the_rename_fails(tmp_path, monke
     assert (tmp_path / ".model.old" / "w").read_text() == "old"  # the old model survives, aside
     replace_folder(staged, final)
     assert (final / "w").read_text() == "new" and not (tmp_path / ".model.old").exists()
+
+    # A crash between the two renames: the next run puts the old model back and drops the staging copy.
+    from style_dreambooth.training.run_folder import RunFolder
+
+    final.rename(tmp_path / ".model.old")
+    (tmp_path / ".model.tmp").mkdir()
+    (tmp_path / "checkpoints" / ".step-000004.tmp").mkdir(parents=True)
+    RunFolder(tmp_path).tidy()
+    assert (final / "w").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []

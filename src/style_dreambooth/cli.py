@@ -45,6 +45,16 @@ def _is_list(annotation: Any) -> bool:
     return typing.get_origin(annotation) is list
 
 
+def _metavar(annotation: Any) -> str:
+    """What a TrainConfig field takes, for --help (pydantic converts and checks the value itself)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return "[" + "|".join(str(a) for a in args) + "]"
+    if args and typing.get_origin(annotation) is not list:  # X | None
+        return _metavar(args[0])
+    return {int: "INTEGER", float: "FLOAT", Path: "PATH"}.get(annotation, "TEXT")
+
+
 def _config_options(func):
     """Add one option per TrainConfig field (dashed spelling, plus its aliases).
 
@@ -54,16 +64,19 @@ def _config_options(func):
         field = TrainConfig.model_fields[name]
         flags = [f"--{alias.replace('_', '-')}" for alias in field_aliases(name)]
         help_text = field.description or ""
-        if not field.is_required() and field.default not in (None, []):
-            help_text += f" [default: {field.default}]"
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if default not in (None, []):
+            help_text += f" [default: {','.join(default) if isinstance(default, list) else default}]"
         if _is_bool(field.annotation):
             plain = flags[0][2:]
             off = "--no-" + plain.removeprefix("with-").removeprefix("use-")
             option = click.Option([f"{flags[0]}/{off}", *flags[1:], name], default=None, show_default=False, help=help_text)
         elif _is_list(field.annotation):
-            option = click.Option([*flags, name], multiple=True, default=None, show_default=False, help=help_text)
+            option = click.Option([*flags, name], multiple=True, default=None, show_default=False, help=help_text,
+                                  metavar="TEXT")
         else:
-            option = click.Option([*flags, name], default=None, show_default=False, help=help_text)
+            option = click.Option([*flags, name], default=None, show_default=False, help=help_text,
+                                  metavar=_metavar(field.annotation))
         func.__click_params__ = getattr(func, "__click_params__", [])
         func.__click_params__.append(option)
     return func
@@ -117,6 +130,7 @@ def train(config_file: Path | None, **flags: Any) -> None:
               help="With a single-file --model: a diffusers folder or hub id of the same architecture for its configs.")
 @click.option("--lora", multiple=True, help="LoRA file to apply, FILE[:SCALE]; repeat to stack several.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the PNGs and grid.png.")
+@click.option("--overwrite", is_flag=True, help="Replace PNGs of the same seeds from an earlier run in --out.")
 def generate(**kw: Any) -> None:
     """Paint images with a trained model; each PNG carries its parameters (A1111 style)."""
     from .sampling.generate import GenerateRequest, generate as run_generate
@@ -284,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("interrupted; completed checkpoints are kept (resume with --resume-from-checkpoint latest)", err=True)
+        click.echo("interrupted; finished class images and checkpoints are kept: run the same command again "
+                   "(a run with checkpoints then says how to resume it)", err=True)
         sys.exit(130)
 
 

@@ -138,6 +138,8 @@ class TrainConfig(BaseModel):
                 data = {**data, "mixed_precision": "no"}
             if data.get("learning_rate") is None:
                 data = {**data, "learning_rate": 1e-4 if data.get("method") == "lora" else 1e-6}
+            if isinstance(data.get("validation_prompt"), str):  # one prompt written without a list
+                data = {**data, "validation_prompt": [data["validation_prompt"]]}
             targets = data.get("lora_targets")
             if isinstance(targets, str):
                 targets = [targets]
@@ -216,6 +218,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(path: Path, what: str = "config file") -> Any:
     """The YAML in ``path``; a missing file, bad syntax or a repeated key is a one-line UserError naming ``what``."""
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a folder; pass a YAML file")
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found")
     try:

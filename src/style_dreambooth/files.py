@@ -29,6 +29,20 @@ def replace_folder(staged: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def tidy_folder(final: Path) -> None:
+    """After a crash: put back an old copy that `replace_folder` had renamed aside (when the new
+    one never arrived), and remove a half-written staging folder `.<name>.tmp`."""
+    old = final.with_name(f".{final.name}.old")
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+
+
 def make_output_dir(path: Path, flag: str) -> Path:
     """Create the folder `path` (named by the option `flag` in errors) and check it takes files."""
     if path.exists() and not path.is_dir():

@@ -197,6 +197,23 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> StableDiffusion
         ) from exc
 
 
+def _check_is_sd_checkpoint(path: Path) -> None:
+    """Refuse a .safetensors file that is unreadable or holds no SD UNet (a LoRA, an embedding, a VAE)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
+        raise UserError(f"base model file '{path}' is not a readable .safetensors file (damaged or truncated?)") from None
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        kind = "a LoRA (pass it to generate --lora)" if any(k.startswith("lora_") for k in keys) else "not a full model"
+        raise UserError(
+            f"base model file '{path}' holds no Stable Diffusion UNet weights: it is {kind}; "
+            "pass a full SD 1.x checkpoint, a diffusers folder or a Hub id"
+        )
+
+
 def _load_single_file(
     path: Path,
     torch_dtype: torch.dtype | None,
@@ -219,6 +236,8 @@ def _load_single_file(
             "pass a .safetensors file, a diffusers folder or a Hub id"
         )
 
+    if suffix in SAFETENSORS_EXTENSIONS:
+        _check_is_sd_checkpoint(path)
     kwargs = _common_kwargs(torch_dtype)
     config = single_file_config
     if config is not None:

@@ -162,6 +162,7 @@ class GenerateRequest:
     allow_pickle: bool = False
     lora: tuple[str, ...] = ()
     base_config: str | None = None
+    overwrite: bool = False
 
 
 def generate(req: GenerateRequest) -> list[Path]:
@@ -173,6 +174,11 @@ def generate(req: GenerateRequest) -> list[Path]:
     for name, value in (("--width", req.width), ("--height", req.height)):
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"{name} {value} must be a positive multiple of 8")
+    seeds = [req.seed + i for i in range(req.n)]
+    taken = [req.out / f"{s:06d}.png" for s in seeds if (req.out / f"{s:06d}.png").exists()]
+    if taken and not req.overwrite:
+        raise UserError(f"--out '{req.out}' already holds '{taken[0].name}' from an earlier run; "
+                        "pass --overwrite, another --seed or another --out")
     cuda = torch.cuda.is_available()
     pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, torch.float16 if cuda else None,
                                 req.base_config)
@@ -183,7 +189,6 @@ def generate(req: GenerateRequest) -> list[Path]:
     pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
     pipe = pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    seeds = [req.seed + i for i in range(req.n)]
     images: list[Image.Image] = []
     with progress_bar("generating", req.n) as bar:
         for start in range(0, req.n, 4):

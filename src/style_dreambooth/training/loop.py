@@ -33,7 +33,7 @@ from ..sampling.images import make_grid, make_scheduler, save_png
 from .checkpoints import load_training_state, resolve_checkpoint, save_checkpoint
 from .loss import diffusion_target, dreambooth_loss
 from .optim import make_lr_scheduler, make_optimizer
-from .trainables import make_trainables
+from .trainables import lora_targets, make_trainables
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,8 @@ def _train(cfg: TrainConfig) -> Path:
     # Models. The base is loaded once in fp32; trained weights stay fp32 (autocast does the rest).
     base = load_run_base(cfg.model_dump(), torch.float32)
     tokenizer, vae, noise_config = base.tokenizer, base.vae, base.scheduler.config
+    if cfg.method == "lora":
+        lora_targets(cfg, base.unet, base.text_encoder)
     identifier = find_identifier(cfg.instance_prompt, class_prompt)
     if identifier and main:
         report = analyze_identifier(tokenizer, identifier)

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..files import make_output_dir, replace_folder, write_text_atomically
+from ..files import make_output_dir, replace_folder, tidy_folder, write_text_atomically
 from .checkpoints import list_checkpoints
 
 # Artefacts a run writes; --overwrite removes exactly these and nothing else.
@@ -48,9 +48,11 @@ class RunFolder:
         return (self.model / "model_index.json").is_file() or (self.model / "lora.safetensors").is_file()
 
     def prepare(self, overwrite: bool, resuming: bool) -> None:
-        """Refuse to clobber a run and check the folder is writable. Deletes nothing: a fresh run
-        calls `clear_artefacts` only once all its inputs have been checked."""
+        """Refuse to clobber a run and check the folder is writable. Deletes nothing of value (only
+        half-written staging folders): a fresh run calls `clear_artefacts` once its inputs are checked."""
         root = self.root
+        if root.is_dir():
+            self.tidy()
         if resuming and not overwrite and self.is_finished():
             raise UserError(
                 f"output dir '{root}' already holds a finished model in '{self.model}', which resuming would "
@@ -68,6 +70,14 @@ class RunFolder:
                     "--resume-from-checkpoint latest to continue it or --overwrite to start over"
                 )
         make_output_dir(root, "--output-dir")
+
+    def tidy(self) -> None:
+        """Undo what a crash mid-save left: a model renamed aside, half-written staging folders."""
+        tidy_folder(self.model)
+        folder = self.root / "checkpoints"
+        if folder.is_dir():
+            for leftover in folder.glob(".step-*"):
+                tidy_folder(leftover.with_name(leftover.name[1:].rsplit(".", 1)[0]))
 
     def clear_artefacts(self) -> None:
         """Remove a previous run's artefacts (and nothing else) before a fresh run writes its own."""

@@ -83,6 +83,22 @@ def _matching_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
     return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
 
 
+def lora_targets(cfg: TrainConfig, unet, text_encoder) -> dict[str, tuple[torch.nn.Module, list[str]]]:
+    """The modules that get adapters and the --lora-targets names found in each; a UserError if a
+    module has none (checked before any slow work, e.g. class images)."""
+    models = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+    found = {}
+    for role, model in models.items():
+        targets = _matching_targets(model, cfg.lora_targets)
+        if not targets:
+            raise UserError(
+                f"--lora-targets {','.join(cfg.lora_targets)} match no layer of the {role}; "
+                "use names such as to_q,to_k,to_v,to_out.0 (UNet) and q_proj,k_proj,v_proj,out_proj (text encoder)"
+            )
+        found[role] = (model, targets)
+    return found
+
+
 class LoraTrainables:
     """Low-rank adapters on the UNet (and text encoder) attention layers; the base stays frozen."""
 
@@ -92,16 +108,10 @@ class LoraTrainables:
         self.cfg = cfg
         self.alpha = cfg.lora_alpha or float(cfg.rank)
         self.base_model_hash = base_model_hash
-        models = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+        found = lora_targets(cfg, unet, text_encoder)
         unet.requires_grad_(False)
         text_encoder.requires_grad_(False)
-        for role, model in models.items():
-            targets = _matching_targets(model, cfg.lora_targets)
-            if not targets:
-                raise UserError(
-                    f"--lora-targets {','.join(cfg.lora_targets)} match no layer of the {role}; "
-                    "use names such as to_q,to_k,to_v,to_out.0 (UNet) and q_proj,k_proj,v_proj,out_proj (text encoder)"
-                )
+        for model, targets in found.values():
             config = LoraConfig(
                 r=cfg.rank, lora_alpha=self.alpha, lora_dropout=cfg.lora_dropout,
                 target_modules=targets, init_lora_weights="gaussian",
@@ -109,7 +119,7 @@ class LoraTrainables:
             inject_adapter_in_model(config, model)
             for name, param in model.named_parameters():
                 param.requires_grad_("lora_" in name)
-        self.modules = models
+        self.modules = {role: model for role, (model, _) in found.items()}
 
     def param_groups(self) -> list[dict[str, Any]]:
         return _param_groups(self.cfg, self.modules)
