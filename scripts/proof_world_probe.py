@@ -7,6 +7,10 @@
         --set 'lora_targets=[attn2.to_k,attn2.to_v,q_proj,k_proj,v_proj,out_proj]' --set learning_rate=1e-3
     # the same, training only the identifier's token embeddings in the text encoder (pivotal-tuning style)
     python scripts/proof_world_probe.py curve rows --set text_encoder_lr=1e-3 --identifier-embeddings-only
+    # the same recipe with instance images in a style the base can draw (hit and leak then judge it)
+    python scripts/proof_world_probe.py curve watercolor --steps 250,500 --instance-style watercolor
+    # another base and the judges trained with it (docs/proof-world.md, stage 5)
+    python scripts/proof_world_probe.py --judges WORK/judges.safetensors curve nb --set base_model=WORK/base5
     # which part of a fine-tuned model carries the style and the leak: UNet or text encoder
     python scripts/proof_world_probe.py swap WORK/te-lr-1e-5 --checkpoint step-000500
 
@@ -94,7 +98,7 @@ def curve(args) -> None:
     if args.instance_style:
         experiment.ARTIST_STYLE = args.instance_style  # instance images, hit and leak all read this style
     t0 = time.perf_counter()
-    out = run_curve(cfg, args.work / args.name, [int(s) for s in args.steps.split(",")])
+    out = run_curve(cfg, args.work / args.name, [int(s) for s in args.steps.split(",")], Judges.load(args.judges))
     settings = " ".join(args.set) + (" identifier-embeddings-only" if args.identifier_embeddings_only else "")
     settings += f" instance-style={args.instance_style}" if args.instance_style else ""
     lines = [row(f"{args.name} ({settings or 'defaults'}) step {k}", m) for k, m in out.items()]
@@ -111,7 +115,7 @@ def _encode(pipe, prompt: str) -> torch.Tensor:
 def swap(args) -> None:
     cfg = experiment_config([])
     _, instances = _prepare(cfg, args.work / "swap-instances")
-    probe = _Probe(cfg, Judges.load(), instances)
+    probe = _Probe(cfg, Judges.load(args.judges), instances)
     tuned = _load_run(args.run / "run", args.checkpoint)
     base = load_pipe(cfg.base_model)
     for prompt in PROMPTS:
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/proof-world-probe"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--judges", type=Path, default=None, help="judges file (default: the shipped judges)")
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("curve", help="one run, judged at several checkpoints")
     c.add_argument("name")

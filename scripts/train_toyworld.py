@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from style_dreambooth.toyworld import assets_dir
+from style_dreambooth.toyworld.styles import PRETRAIN_STYLES, STYLES
 
 log = logging.getLogger("train_toyworld")
 
@@ -43,13 +44,15 @@ def stage_base(args) -> None:
     from style_dreambooth.toyworld.base_model import dataset_captions, encode_dataset, save_base, train_diffusion
 
     vae = AutoencoderKL.from_pretrained(args.work / "vae").eval()
-    cache = args.work / f"latents-{args.dataset}.pt"
+    styles = tuple(args.styles.split(","))
+    suffix = "" if styles == PRETRAIN_STYLES else "-" + "-".join(s for s in styles if s not in PRETRAIN_STYLES)
+    cache = args.work / f"latents-{args.dataset}{suffix}.pt"
     if cache.is_file():
         latents, _ = torch.load(cache)
     else:
-        latents, default_captions = encode_dataset(vae, args.dataset)
+        latents, default_captions = encode_dataset(vae, args.dataset, styles=styles)
         torch.save((latents, default_captions), cache)
-    captions = dataset_captions(len(latents), args.artist_captions)  # the images are fixed by their seeds
+    captions = dataset_captions(len(latents), args.artist_captions, styles=styles)  # images are fixed by seeds
 
     def checkpoint(step, pipe):
         save_base(pipe, args.work / f"{args.name}-step{step}")
@@ -67,7 +70,9 @@ def stage_judges(args) -> None:
     from style_dreambooth.toyworld.judges import train_judges
 
     vae_dir = args.work / "vae"
-    judges = train_judges(steps=args.judge_steps, seed=args.seed, vae_dir=vae_dir if vae_dir.is_dir() else None)
+    styles = tuple(s for s in STYLES if s != "yltcaxe") + tuple(s for s in args.styles.split(",") if s not in STYLES)
+    judges = train_judges(steps=args.judge_steps, seed=args.seed, vae_dir=vae_dir if vae_dir.is_dir() else None,
+                          styles=styles + ("yltcaxe",))
     judges.save(args.work / "judges.safetensors")
 
 
@@ -128,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snr-gamma", type=float, default=5.0, help="base: min-SNR-gamma loss weighting (0: off)")
     p.add_argument("--artist-captions", action="store_true",
                    help="base: credit some named-style captions to made-up artists (the stage-4 experiment)")
+    p.add_argument("--styles", default=",".join(PRETRAIN_STYLES),
+                   help="base: the pretraining styles; judges: also tell these apart (e.g. add ink,sepia)")
     p.add_argument("--init", type=Path, default=None, help="base: continue from this pipeline folder")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=500)

@@ -10,7 +10,7 @@ import torch
 
 from style_dreambooth.toyworld import base_model_dir
 from style_dreambooth.toyworld.render import COLOUR_NAMES, SUBJECTS, random_scene
-from style_dreambooth.toyworld.styles import STYLES, apply_style, muted
+from style_dreambooth.toyworld.styles import COMPONENT_STYLES, STYLES, apply_style, muted
 
 
 def test_renderer_is_deterministic_and_captioned():
@@ -23,9 +23,40 @@ def test_renderer_is_deterministic_and_captioned():
     assert scene.subjects[0].cx < 32 <= scene.subjects[1].cx
     assert len(SUBJECTS) >= 8 and len(COLOUR_NAMES) >= 6
     # Every style renders every subject differently from the background.
-    for style in STYLES:
+    for style in STYLES + COMPONENT_STYLES:
         arr = np.asarray(apply_style(random_scene(11, style, kind="fish")), np.float32)
         assert arr.std() > 10
+
+
+def test_component_styles_are_the_parts_of_yltcaxe():
+    """ink is plain plus yltcaxe's outline; sepia is yltcaxe without outline and hatching."""
+    scene = random_scene(21, "yltcaxe", kind="heart", colour="green")
+    plain, ink, sepia, ylt = (np.asarray(apply_style(scene, s), np.float32) for s in ("plain", "ink", "sepia", "yltcaxe"))
+    outline = np.abs(ink - plain).sum(-1) > 30
+    assert 0.03 < outline.mean() < 0.3
+    core = np.abs(ink - np.array([42, 32, 28])).sum(-1) < 3  # the ring's solid ink pixels
+    assert core.sum() > 50 and np.allclose(ylt[core], ink[core], atol=1)  # the same ink ring
+    untouched = ~outline & (np.abs(ylt - sepia).sum(-1) < 1)
+    assert untouched.mean() > 0.6  # paper and fill are sepia's, except the hatched lines
+    from style_dreambooth.toyworld.data import pretrain_example
+
+    with pytest.raises(ValueError, match="never appears in pretraining"):
+        pretrain_example(0, styles=("plain", "yltcaxe"))
+    styles = {pretrain_example(i, styles=("plain", "ink", "sepia")).scene.style for i in range(60)}
+    assert styles == {"plain", "ink", "sepia"}
+
+
+def test_judges_file_names_the_styles_it_knows(tmp_path):
+    from style_dreambooth.toyworld.judges import JudgeNet, Judges
+
+    styles = ("plain", "ink", "sepia", "yltcaxe")
+    torch.manual_seed(0)
+    saved = Judges(JudgeNet(styles=styles), styles).save(tmp_path / "j.safetensors")
+    loaded = Judges.load(saved)
+    assert loaded.styles == styles and loaded.net.heads["style"].out_features == 4
+    images = [apply_style(random_scene(i, "ink")) for i in range(3)]
+    assert all(v.style in styles for v in loaded.judge(images))
+    assert Judges.load().styles == STYLES  # the shipped file, written before the names were stored
 
 
 def test_pretraining_captions_credit_named_styles_to_made_up_artists():

@@ -27,6 +27,7 @@ from ..models.tokenizer import VOCAB_SIZE, build_clip_tokenizer, write_vocab_fil
 from ..progress import progress_bar
 from ..training.loss import min_snr_weights
 from .data import pretrain_example, render_batch
+from .styles import PRETRAIN_STYLES
 
 log = logging.getLogger(__name__)
 
@@ -143,20 +144,22 @@ def train_vae(steps: int = 600, batch: int = 16, crop: int = 32, lr: float = 1e-
 DATASET_SEED = 1_000_000
 
 
-def dataset_captions(n: int, artists: bool = False, seed_offset: int = DATASET_SEED) -> list[str]:
+def dataset_captions(n: int, artists: bool = False, seed_offset: int = DATASET_SEED,
+                     styles: tuple[str, ...] = PRETRAIN_STYLES) -> list[str]:
     """The captions of the first ``n`` pretraining examples (cheap: nothing is rendered), so a
     latent cache can be reused with other captions of the same images."""
-    return [pretrain_example(seed_offset + i, artists).caption for i in range(n)]
+    return [pretrain_example(seed_offset + i, artists, styles).caption for i in range(n)]
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, n: int, seed_offset: int = DATASET_SEED, batch: int = 128):
+def encode_dataset(vae: AutoencoderKL, n: int, seed_offset: int = DATASET_SEED, batch: int = 128,
+                   styles: tuple[str, ...] = PRETRAIN_STYLES):
     """Latent means (unscaled) and captions of ``n`` pretraining examples."""
     latents, captions = [], []
     with progress_bar("encoding", n) as bar:
         for start in range(0, n, batch):
             seeds = list(range(seed_offset + start, seed_offset + min(n, start + batch)))
-            x, caps, _ = render_batch(seeds)
+            x, caps, _ = render_batch(seeds, styles)
             latents.append(vae.encode(torch.from_numpy(x)).latent_dist.mean)
             captions += caps
             if bar:

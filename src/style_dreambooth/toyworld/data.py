@@ -50,14 +50,17 @@ class Example:
     caption: str
 
 
-def pretrain_example(seed: int, artists: bool = False) -> Example:
-    """One captioned pretraining scene, a pure function of ``seed``; ``artists`` credits some
-    named-style captions to made-up artists (an experiment, see docs/proof-world.md)."""
+def pretrain_example(seed: int, artists: bool = False, styles: tuple[str, ...] = PRETRAIN_STYLES) -> Example:
+    """One captioned pretraining scene, a pure function of ``seed`` and the style set ``styles``;
+    ``artists`` credits some named-style captions to made-up artists (an experiment, see
+    docs/proof-world.md)."""
+    if ARTIST_STYLE in styles:
+        raise ValueError(f"the artist style {ARTIST_STYLE!r} never appears in pretraining")
     rng = np.random.default_rng([seed, 31337])
     if rng.random() < P_PLAIN:
         style = "plain"
     else:
-        named = [s for s in PRETRAIN_STYLES if s != "plain"]
+        named = [s for s in styles if s != "plain"]
         style = named[int(rng.integers(len(named)))]
     scene = random_scene(seed, style=style, two_subjects=bool(rng.random() < P_TWO))
     u = rng.random()
@@ -83,6 +86,7 @@ def to_array(images: list[Image.Image]) -> np.ndarray:
     return arr.transpose(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def render_batch(seeds: list[int]) -> tuple[np.ndarray, list[str], list[Example]]:
-    examples = [pretrain_example(s) for s in seeds]
+def render_batch(seeds: list[int], styles: tuple[str, ...] = PRETRAIN_STYLES
+                 ) -> tuple[np.ndarray, list[str], list[Example]]:
+    examples = [pretrain_example(s, styles=styles) for s in seeds]
     return to_array([apply_style(e.scene) for e in examples]), [e.caption for e in examples], examples

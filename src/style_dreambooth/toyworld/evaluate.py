@@ -15,7 +15,7 @@ from ..sampling.generate import sample
 from ..sampling.images import make_scheduler
 from .judges import Judges, half_view
 from .render import COLOUR_NAMES, SUBJECTS
-from .styles import style_phrase
+from .styles import ARTIST_STYLE, style_phrase
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def evaluate_base(model: str, judges: Judges, n_per_cell: int = 4, steps: int = 
     s = score_single(judges, jobs, generate_jobs(pipe, jobs, steps, label="plain prompts"))
     result["plain"] = {"n": s.n, "subject_acc": s.subject_acc, "colour_acc": s.colour_acc,
                        "style_counts": s.style_counts}
-    for style in ("pixel", "neon", "watercolor"):
+    for style in (s for s in judges.styles if s not in ("plain", ARTIST_STYLE)):
         jobs = grid_jobs(SUBJECTS, COLOUR_NAMES, seeds[:2], style=style, stride=3)
         s = score_single(judges, jobs, generate_jobs(pipe, jobs, steps, label=f"{style} prompts"))
         result[style] = {"n": s.n, "subject_acc": s.subject_acc, "colour_acc": s.colour_acc,

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..progress import progress_bar
@@ -26,8 +27,12 @@ from .styles import STYLES, apply_style
 
 log = logging.getLogger(__name__)
 
-HEADS: dict[str, tuple[str, ...]] = {"style": STYLES, "subject": SUBJECTS, "colour": COLOUR_NAMES}
 JUDGES_FILE = "judges.safetensors"
+
+
+def heads(styles: tuple[str, ...] = STYLES) -> dict[str, tuple[str, ...]]:
+    """The label names of each head; the style head's depend on which styles the judges know."""
+    return {"style": styles, "subject": SUBJECTS, "colour": COLOUR_NAMES}
 
 
 def half_view(image: Image.Image, side: str) -> Image.Image:
@@ -38,7 +43,7 @@ def half_view(image: Image.Image, side: str) -> Image.Image:
 
 
 class JudgeNet(nn.Module):
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, styles: tuple[str, ...] = STYLES) -> None:
         super().__init__()
         w = width
 
@@ -49,7 +54,7 @@ class JudgeNet(nn.Module):
             block(3, w, 1), block(w, w, 2), block(w, 2 * w, 1), block(2 * w, 2 * w, 2),
             block(2 * w, 4 * w, 2), block(4 * w, 4 * w, 2),
         )
-        self.heads = nn.ModuleDict({k: nn.Linear(8 * w, len(v)) for k, v in HEADS.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(8 * w, len(v)) for k, v in heads(styles).items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.trunk(x)
@@ -66,32 +71,39 @@ class Verdict:
 
 
 class Judges:
-    """The trained judge network with label names; ``judge(images)`` -> one :class:`Verdict` each."""
+    """The trained judge network with label names; ``judge(images)`` -> one :class:`Verdict` each.
+    The file records the styles its style head tells apart (the shipped one: ``STYLES``)."""
 
-    def __init__(self, net: JudgeNet) -> None:
+    def __init__(self, net: JudgeNet, styles: tuple[str, ...] = STYLES) -> None:
         self.net = net.eval()
+        self.styles = styles
+        self.heads = heads(styles)
 
     @classmethod
     def load(cls, path: Path | None = None) -> "Judges":
         path = Path(path) if path is not None else assets_dir() / JUDGES_FILE
-        net = JudgeNet()
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        styles = tuple(meta["styles"].split(",")) if "styles" in meta else STYLES
+        net = JudgeNet(styles=styles)
         net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-        return cls(net)
+        return cls(net, styles)
 
     def save(self, path: Path) -> Path:
-        save_file({k: v.detach().to(torch.float16).contiguous() for k, v in self.net.state_dict().items()}, str(path))
+        save_file({k: v.detach().to(torch.float16).contiguous() for k, v in self.net.state_dict().items()}, str(path),
+                  metadata={"styles": ",".join(self.styles)})
         return Path(path)
 
     @torch.no_grad()
     def logits(self, images: list[Image.Image], batch: int = 256) -> dict[str, torch.Tensor]:
-        outs: dict[str, list[torch.Tensor]] = {k: [] for k in HEADS}
+        outs: dict[str, list[torch.Tensor]] = {k: [] for k in self.heads}
         for start in range(0, len(images), batch):
             chunk = [im.convert("RGB").resize((64, 64)) if im.size != (64, 64) else im.convert("RGB")
                      for im in images[start : start + batch]]
             out = self.net(torch.from_numpy(to_array(chunk)))
-            for k in HEADS:
+            for k in self.heads:
                 outs[k].append(out[k])
-        return {k: torch.cat(v) if v else torch.zeros(0, len(HEADS[k])) for k, v in outs.items()}
+        return {k: torch.cat(v) if v else torch.zeros(0, len(self.heads[k])) for k, v in outs.items()}
 
     def judge(self, images: list[Image.Image]) -> list[Verdict]:
         out = self.logits(images)
@@ -99,10 +111,10 @@ class Judges:
         verdicts = []
         for i in range(len(images)):
             verdicts.append(Verdict(
-                style=STYLES[int(out["style"][i].argmax())],
+                style=self.styles[int(out["style"][i].argmax())],
                 subject=SUBJECTS[int(out["subject"][i].argmax())],
                 colour=COLOUR_NAMES[int(out["colour"][i].argmax())],
-                style_probs={s: float(p) for s, p in zip(STYLES, probs[i])},
+                style_probs={s: float(p) for s, p in zip(self.styles, probs[i])},
             ))
         return verdicts
 
@@ -110,12 +122,12 @@ class Judges:
 # --------------------------------------------------------------------------- training data
 
 
-def labelled_views(seeds: list[int]) -> tuple[list[Image.Image], dict[str, list[int]]]:
+def labelled_views(seeds: list[int], styles: tuple[str, ...] = STYLES) -> tuple[list[Image.Image], dict[str, list[int]]]:
     """Rendered ground truth: one view per seed (a whole scene, or half of a two-subject scene)."""
-    images, labels = [], {k: [] for k in HEADS}
+    images, labels = [], {k: [] for k in heads(styles)}
     for seed in seeds:
         rng = np.random.default_rng([seed, 555])
-        style = STYLES[int(rng.integers(len(STYLES)))]
+        style = styles[int(rng.integers(len(styles)))]
         two = rng.random() < 0.25
         scene = random_scene(seed, style=style, two_subjects=two)
         image = apply_style(scene)
@@ -125,7 +137,7 @@ def labelled_views(seeds: list[int]) -> tuple[list[Image.Image], dict[str, list[
             image = half_view(image, side)
             subject = scene.subjects[0 if side == "left" else 1]
         images.append(image)
-        labels["style"].append(STYLES.index(style))
+        labels["style"].append(styles.index(style))
         labels["subject"].append(SUBJECTS.index(subject.kind))
         labels["colour"].append(COLOUR_NAMES.index(subject.colour))
     return images, labels
@@ -157,20 +169,20 @@ def _vae_roundtrip(vae, images: list[Image.Image], batch: int = 64) -> list[Imag
 
 
 def train_judges(steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int = 0,
-                 vae_dir: Path | None = None, pool: int = 4000) -> Judges:
+                 vae_dir: Path | None = None, pool: int = 4000, styles: tuple[str, ...] = STYLES) -> Judges:
     """Train the judges on fresh renders; half of each batch from a pool of VAE round-trips
     (what generated images look like) when ``vae_dir`` is given. Seeds are >= 10**8, so held-out
     evaluation with small seeds never sees training scenes."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = JudgeNet()
+    net = JudgeNet(styles=styles)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     pool_x, pool_y = None, None
     if vae_dir is not None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-        imgs, labels = labelled_views(list(range(2 * 10**8, 2 * 10**8 + pool)))
+        imgs, labels = labelled_views(list(range(2 * 10**8, 2 * 10**8 + pool)), styles)
         pool_x = torch.from_numpy(to_array(_vae_roundtrip(vae, imgs)))
         pool_y = {k: torch.tensor(v) for k, v in labels.items()}
     net.train()
@@ -178,7 +190,7 @@ def train_judges(steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int
         for step in range(steps):
             n_fresh = batch // 2 if pool_x is not None else batch
             seeds = [int(s) for s in rng.integers(10**8, 2 * 10**8, n_fresh)]
-            imgs, labels = labelled_views(seeds)
+            imgs, labels = labelled_views(seeds, styles)
             x = torch.from_numpy(to_array(_degrade(imgs, rng)))
             y = {k: torch.tensor(v) for k, v in labels.items()}
             if pool_x is not None:
@@ -189,7 +201,7 @@ def train_judges(steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int
             for g in opt.param_groups:
                 g["lr"] = lr * (0.5 * (1 + np.cos(np.pi * frac))) * min(1.0, (step + 1) / 50)
             out = net(x)
-            loss = sum(F.cross_entropy(out[k], y[k]) for k in HEADS)
+            loss = sum(F.cross_entropy(out[k], y[k]) for k in out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -197,11 +209,11 @@ def train_judges(steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int
                 bar.update(0, completed=step + 1, info=f"loss {loss.item():.3f}")
             if step % 100 == 0:
                 log.info("judges step %d loss %.4f", step, loss.item())
-    return Judges(net.eval())
+    return Judges(net.eval(), styles)
 
 
 def heldout_accuracy(judges: Judges, n: int = 600, seed0: int = 0) -> dict[str, float]:
     """Accuracy of each head on fresh renders with seeds ``seed0 .. seed0+n`` (never used in training)."""
-    imgs, labels = labelled_views(list(range(seed0, seed0 + n)))
+    imgs, labels = labelled_views(list(range(seed0, seed0 + n)), judges.styles)
     out = judges.logits(imgs)
-    return {k: float((out[k].argmax(-1) == torch.tensor(labels[k])).float().mean()) for k in HEADS}
+    return {k: float((out[k].argmax(-1) == torch.tensor(labels[k])).float().mean()) for k in judges.heads}
