@@ -76,7 +76,7 @@ class RunFolder:
         tidy_folder(self.model)
         folder = self.root / "checkpoints"
         if folder.is_dir():
-            for leftover in folder.glob(".step-*"):
+            for leftover in list(folder.glob(".step-*")):
                 tidy_folder(leftover.with_name(leftover.name[1:].rsplit(".", 1)[0]))
 
     def clear_artefacts(self) -> None:
