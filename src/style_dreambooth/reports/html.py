@@ -10,9 +10,9 @@ import html
 import os
 from pathlib import Path
 
-from ..files import write_text_atomically
 from ..evaluation.agreement import format_rho, pooled_rank_correlation
 from ..evaluation.evaluate import RunEvaluation
+from ..files import write_text_atomically
 
 PLOTTED = (
     ("style_distance", "style distance (token prompts; lower = closer to the artist)"),

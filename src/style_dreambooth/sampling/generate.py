@@ -175,7 +175,8 @@ def generate(req: GenerateRequest) -> list[Path]:
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"{name} {value} must be a positive multiple of 8")
     seeds = [req.seed + i for i in range(req.n)]
-    taken = [req.out / f"{s:06d}.png" for s in seeds if (req.out / f"{s:06d}.png").exists()]
+    targets = [req.out / f"{s:06d}.png" for s in seeds]
+    taken = [path for path in targets if path.exists()]
     if taken and not req.overwrite:
         raise UserError(f"--out '{req.out}' already holds '{taken[0].name}' from an earlier run; "
                         "pass --overwrite, another --seed or another --out")
@@ -199,15 +200,12 @@ def generate(req: GenerateRequest) -> list[Path]:
             )
             if bar:
                 bar.advance(0, len(chunk))
-    paths = []
-    for s, image in zip(seeds, images):
+    for s, path, image in zip(seeds, targets, images):
         params = GenerationParams(
             req.prompt, req.negative_prompt, req.steps, req.scheduler, req.guidance, s,
             image.width, image.height, label,
         )
-        path = req.out / f"{s:06d}.png"
         save_png(image, path, params)
-        paths.append(path)
     save_png(make_grid(images), req.out / "grid.png")
-    log.info("wrote %d images and grid.png to %s", len(paths), req.out)
-    return paths
+    log.info("wrote %d images and grid.png to %s", len(targets), req.out)
+    return targets

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..progress import progress_bar
 from . import assets_dir
@@ -82,11 +82,12 @@ class Judges:
     @classmethod
     def load(cls, path: Path | None = None) -> "Judges":
         path = Path(path) if path is not None else assets_dir() / JUDGES_FILE
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: the weights and the style names
             meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k).float() for k in f.keys()}
         styles = tuple(meta["styles"].split(",")) if "styles" in meta else STYLES
         net = JudgeNet(styles=styles)
-        net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        net.load_state_dict(weights)
         return cls(net, styles)
 
     def save(self, path: Path) -> Path:
