@@ -320,3 +320,9 @@ def test_bad_lora_targets_are_refused_before_class_images(tmp_path, run_train, i
     code, _, err = run_train(instance_dir, "--method", "lora", "--lora-targets", "nothing_here")
     _assert_user_error(code, err, "nothing_here", "--lora-targets")
     assert not list(cache_env.rglob("*.png")), "no class image was generated for a run that cannot start"
+
+
+def test_class_prompts_from_captions_needs_captions(tmp_path, run_train, instance_dir, cache_env):
+    code, _, err = run_train(instance_dir, "--class-prompts-from-captions")
+    _assert_user_error(code, err, "--class-prompts-from-captions", str(instance_dir))
+    assert not (tmp_path / "out").exists() and not cache_env.exists()

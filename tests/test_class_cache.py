@@ -107,3 +107,26 @@ def test_real_model_change_invalidates_cache(tmp_path, tiny_model):
     assert spec(model=model_identity(str(folder))).key() == key_a
     save_random_model("tiny", folder, seed=1, overwrite=True)
     assert spec(model=model_identity(str(folder))).key() != key_a
+
+
+class RecordingGenerator(FakeGenerator):
+    def __init__(self):
+        super().__init__()
+        self.prompts: list[str] = []
+
+    def __call__(self, prompt, seeds):
+        self.prompts += [prompt] * len(seeds)
+        return super().__call__(prompt, seeds)
+
+
+def test_one_prompt_per_image_cycles_and_is_recorded(tmp_path):
+    prompts = ("a red circle, artstyle", "a blue house, artstyle")
+    gen = RecordingGenerator()
+    paths = ensure_class_images(spec(prompts=prompts), 5, tmp_path, lambda: gen, batch_size=4)
+    by_seed = dict(zip(sum(gen.calls, []), gen.prompts))
+    assert by_seed == {1337 + i: prompts[i % 2] for i in range(5)}, "image i uses prompts[i % 2] and seed + i"
+    manifest = json.loads((paths[0].parent / "manifest.json").read_text())
+    assert [e["prompt"] for e in manifest["images"]] == [prompts[i % 2] for i in range(5)]
+    assert [spec(prompts=prompts).prompt_for(i) for i in range(3)] == [prompts[0], prompts[1], prompts[0]]
+    assert paths[0].parent != ensure_class_images(spec(), 1, tmp_path, FakeGenerator)[0].parent
+    assert "prompts" not in spec().as_json(), "a single-prompt cache keeps the key it had before prompts existed"

@@ -434,3 +434,29 @@ def test_replace_folder_keeps_a_whole_copy_when_the_rename_fails(tmp_path, monke
     RunFolder(tmp_path).tidy()
     assert (final / "w").read_text() == "new"
     assert sorted(p.name for p in tmp_path.rglob(".*")) == []
+
+
+def test_class_prompts_follow_the_instance_captions(tmp_path):
+    from style_dreambooth.data.dataset import class_examples, class_prompts_for, instance_examples
+
+    for stem, caption in (("a", "a red circle"), ("b", "a blue house, YLTCAXE artstyle"), ("c", None), ("d", "a red circle")):
+        Image.new("RGB", (64, 64)).save(tmp_path / f"{stem}.png")
+        if caption:
+            (tmp_path / f"{stem}.txt").write_text(caption)
+    paths = sorted(tmp_path.glob("*.png"))
+    instances = instance_examples(paths, "yltcaxe artstyle")
+    assert class_prompts_for(instances, "yltcaxe artstyle", "artstyle") == (
+        "artstyle, a red circle", "a blue house, artstyle", "artstyle")
+    assert [e.prompt for e in class_examples(paths, "painting")] == [
+        "a red circle", "a blue house, YLTCAXE artstyle", "painting", "a red circle"], "given class images keep their captions"
+
+
+def test_class_images_from_instance_captions(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+    (instance_dir / "img0.txt").write_text("a red fox")
+    (instance_dir / "img1.txt").write_text("a tower at dusk, yltcaxe artstyle")
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "out", "--max-train-steps", "1",
+                                               "--num-class-images", "3", "--class-prompts-from-captions"))
+    assert code == 0, err
+    (manifest,) = cache_env.rglob("manifest.json")
+    prompts = [e["prompt"] for e in json.loads(manifest.read_text())["images"]]
+    assert prompts == ["artstyle, a red fox", "a tower at dusk, artstyle", "artstyle"]

@@ -64,6 +64,12 @@ class TrainConfig(BaseModel):
     )
     with_prior_preservation: bool = Field(True, description="Add the prior-preservation loss on class images.")
     prior_loss_weight: float = Field(1.0, ge=0.0, description="Weight of the prior-preservation loss.")
+    class_prompts_from_captions: bool = Field(
+        False,
+        description="Generate class images from the instance captions, the instance prompt swapped for the class "
+        "prompt ('a red circle, yltcaxe artstyle' -> 'a red circle, artstyle'), so prior preservation keeps what "
+        "the captions' other words draw.",
+    )
     num_class_images: int = Field(50, ge=1, description="Number of class images.")
     sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
     class_inference_steps: int = Field(25, ge=1, description="Sampler steps per generated class image.")

@@ -37,9 +37,21 @@ class ClassImageSpec:
     seed: int
     negative_prompt: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # One prompt per image, cycled (image i: prompts[i % len]); empty: every image uses `prompt`.
+    prompts: tuple[str, ...] = ()
+
+    def prompt_for(self, index: int) -> str:
+        return self.prompts[index % len(self.prompts)] if self.prompts else self.prompt
+
+    def as_json(self) -> dict[str, Any]:
+        """The spec as JSON data; `prompts` only when set, so single-prompt caches keep their keys."""
+        data = json.loads(json.dumps(asdict(self), default=str))
+        if not self.prompts:
+            del data["prompts"]
+        return data
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), default=str)
+        blob = json.dumps(self.as_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -69,7 +81,7 @@ def _read_manifest(folder: Path, spec: ClassImageSpec) -> dict[int, dict[str, An
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("class-image manifest %s is unreadable; regenerating that cache", path)
         return {}
-    if data.get("key") != spec.key() or data.get("spec") != json.loads(json.dumps(asdict(spec), default=str)):
+    if data.get("key") != spec.key() or data.get("spec") != spec.as_json():
         log.warning("class-image manifest %s does not match the requested key; regenerating", path)
         return {}
     entries = {}
@@ -104,7 +116,7 @@ def ensure_class_images(
     else:
         log.info(
             "class images: %d cached, generating %d with prompt %r into %s",
-            count - len(missing), len(missing), spec.prompt, folder,
+            count - len(missing), len(missing), spec.prompts or spec.prompt, folder,
         )
         generate = make_generator()
         done = count - len(missing)
@@ -112,19 +124,20 @@ def ensure_class_images(
             progress(done, count)
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
-            seeds = [spec.seed + i for i in chunk]
-            images = generate(spec.prompt, seeds)
-            for i, seed, image in zip(chunk, seeds, images):
-                name = f"{i:06d}.png"
-                tmp = folder / f".{name}.{os.getpid()}.tmp"
-                image.save(tmp, format="PNG")
-                os.replace(tmp, folder / name)
-                entries[i] = {"index": i, "file": name, "seed": seed}
+            for prompt in dict.fromkeys(spec.prompt_for(i) for i in chunk):
+                same = [i for i in chunk if spec.prompt_for(i) == prompt]
+                seeds = [spec.seed + i for i in same]
+                for i, seed, image in zip(same, seeds, generate(prompt, seeds)):
+                    name = f"{i:06d}.png"
+                    tmp = folder / f".{name}.{os.getpid()}.tmp"
+                    image.save(tmp, format="PNG")
+                    os.replace(tmp, folder / name)
+                    entries[i] = {"index": i, "file": name, "seed": seed, "prompt": prompt}
             _write_json_atomic(
                 folder / MANIFEST,
                 {
                     "key": spec.key(),
-                    "spec": json.loads(json.dumps(asdict(spec), default=str)),
+                    "spec": spec.as_json(),
                     "images": [entries[j] for j in sorted(entries)],
                 },
             )

@@ -7,6 +7,7 @@ to save.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,15 @@ def instance_examples(paths: list[Path], instance_prompt: str) -> list[Example]:
 
 
 def class_examples(paths: list[Path], class_prompt: str) -> list[Example]:
-    return [Example(p, class_prompt) for p in paths]
+    """Given class images with their prompts: a same-stem .txt caption, else the class prompt."""
+    return [Example(p, read_caption(p) or class_prompt) for p in paths]
+
+
+def class_prompts_for(examples: list[Example], instance_prompt: str, class_prompt: str) -> tuple[str, ...]:
+    """One class prompt per distinct instance prompt, the instance prompt swapped for the class prompt:
+    'a red circle, yltcaxe artstyle' -> 'a red circle, artstyle'."""
+    pattern = re.compile(re.escape(instance_prompt), re.IGNORECASE)
+    return tuple(dict.fromkeys(pattern.sub(class_prompt, e.prompt, count=1) for e in examples))
 
 
 def _stream_rng(seed: int, *words: int) -> np.random.Generator:
