@@ -460,3 +460,26 @@ def test_class_images_from_instance_captions(tmp_path, tiny_model, instance_dir,
     (manifest,) = cache_env.rglob("manifest.json")
     prompts = [e["prompt"] for e in json.loads(manifest.read_text())["images"]]
     assert prompts == ["artstyle, a red fox", "a tower at dusk, artstyle", "artstyle"]
+
+
+def test_timestep_range_limits_the_noise_levels_trained(tmp_path, tiny_model, instance_dir, cache_env, capsys,
+                                                         monkeypatch):
+    from diffusers import DDPMScheduler
+
+    seen: list[int] = []
+    add_noise = DDPMScheduler.add_noise
+
+    def recording(self, latents, noise, timesteps):
+        seen.extend(timesteps.tolist())
+        return add_noise(self, latents, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording)
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "a", "--max-train-steps", "6",
+                                               "--min-timestep", "200", "--max-timestep", "260"))
+    assert code == 0, err
+    assert len(seen) == 6 * 2 and all(200 <= t < 260 for t in seen), seen
+    for flags, needle in ((("--min-timestep", "300", "--max-timestep", "300"), "max_timestep (300) must be above"),
+                          (("--max-timestep", "1001"), "--max-timestep 1001 is beyond")):
+        code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "b", *flags))
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "b").exists()

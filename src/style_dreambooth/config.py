@@ -113,6 +113,12 @@ class TrainConfig(BaseModel):
     output_dir: Path = Field(..., description="Run folder.")
     overwrite: bool = Field(False, description="Replace a finished run in the output dir.")
     snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR weighting gamma (5.0 is common).")
+    min_timestep: int = Field(0, ge=0, description="Lowest noise timestep trained (0: the scheduler's first).")
+    max_timestep: int | None = Field(
+        None, ge=1,
+        description="Train timesteps below this only (default: all, 1000 for SD). A style lives in the low and middle "
+        "timesteps, layout and colour in the high ones: e.g. 750 learns the look and leaves content to the base.",
+    )
     offset_noise: float = Field(0.0, ge=0.0, description="Offset-noise strength (0.05-0.1 is common).")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
@@ -152,6 +158,14 @@ class TrainConfig(BaseModel):
             if isinstance(targets, (list, tuple)):
                 data = {**data, "lora_targets": [t.strip() for item in targets for t in str(item).split(",") if t.strip()]}
         return data
+
+    @model_validator(mode="after")
+    def _timestep_range(self) -> "TrainConfig":
+        if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
+            raise ValueError(
+                f"max_timestep ({self.max_timestep}) must be above min_timestep ({self.min_timestep})"
+            )
+        return self
 
     @field_validator("instance_prompt")
     @classmethod

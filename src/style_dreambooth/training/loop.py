@@ -104,6 +104,14 @@ def resolve_class_prompt(cfg: TrainConfig) -> str:
     return derived
 
 
+def trained_timesteps(cfg: TrainConfig, total: int) -> tuple[int, int]:
+    """[low, high) of the timesteps drawn for training."""
+    high = total if cfg.max_timestep is None else cfg.max_timestep
+    if high > total:
+        raise UserError(f"--max-timestep {high} is beyond the base model's {total} noise timesteps")
+    return cfg.min_timestep, high
+
+
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + micro * 104_729 + rank * 15_485_863) % (2**63)
 
@@ -234,6 +242,7 @@ def _train(cfg: TrainConfig) -> Path:
     # Models. The base is loaded once in fp32; trained weights stay fp32 (autocast does the rest).
     base = load_run_base(cfg.model_dump(), torch.float32)
     tokenizer, vae, noise_config = base.tokenizer, base.vae, base.scheduler.config
+    timestep_range = trained_timesteps(cfg, noise_config["num_train_timesteps"])
     if cfg.method == "lora":
         lora_targets(cfg, base.unet, base.text_encoder)
     identifier = find_identifier(cfg.instance_prompt, class_prompt)
@@ -405,8 +414,7 @@ def _train(cfg: TrainConfig) -> Path:
                                 (*latents.shape[:2], 1, 1), generator=gen, device=latents.device
                             )
                         timesteps = torch.randint(
-                            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                            generator=gen, device=latents.device,
+                            *timestep_range, (latents.shape[0],), generator=gen, device=latents.device
                         )
                         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                         with accelerator.autocast():
