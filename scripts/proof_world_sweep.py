@@ -73,23 +73,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def base_config(out: Path, work: Path, steps: int, every: int | None = None, adam8: bool = True) -> dict:
     from style_dreambooth.toyworld import base_model_dir
+    from style_dreambooth.toyworld.demo import demo_config
 
+    demo = demo_config()  # the demo's recipe; the rows below are its train settings
     return {
         "base_model": str(base_model_dir()),
         "instance_dir": str((out / "instance").resolve()),
-        "instance_prompt": "yltcaxe artstyle",
-        "class_prompt": "artstyle",
+        "instance_prompt": demo.instance_prompt,
+        "class_prompt": demo.class_prompt,
         "class_dir": str((work / "class-images").resolve()),
         "with_prior_preservation": True,
-        "num_class_images": 24,
+        "class_prompts_from_captions": demo.class_prompts_from_captions,
+        "num_class_images": demo.num_class_images,
         "sample_batch_size": 16,
-        "class_inference_steps": 20,
+        "class_inference_steps": demo.class_inference_steps,
         "train_text_encoder": True,
         "resolution": 64,
-        "train_batch_size": 2,
+        "train_batch_size": demo.train_batch_size,
         "use_8bit_adam": adam8,
-        "offset_noise": 0.1,
-        "learning_rate": 1e-4,
+        "offset_noise": demo.offset_noise,
+        "learning_rate": demo.learning_rate,
         "max_train_steps": steps,
         "checkpointing_steps": every or max(1, steps // 8),
         "validation_steps": 0,
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.eval_seeds.split(",") if s.strip()]
         out, work = args.out.resolve(), args.work.resolve()
         out.mkdir(parents=True, exist_ok=True)
-        write_instance_images(out / "instance", n=5, seed=0)
+        write_instance_images(out / "instance", n=5, seed=0, caption="yltcaxe artstyle")
         prompt_file = write_prompt_file(out / "prompts.yaml")
         config_file = out / "base.yaml"
         config_file.write_text(yaml.safe_dump(base_config(out, work, args.steps, args.checkpoint_every,

@@ -483,3 +483,27 @@ def test_timestep_range_limits_the_noise_levels_trained(tmp_path, tiny_model, in
         code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "b", *flags))
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "b").exists()
+
+
+def test_text_encoder_scope_identifier_trains_only_its_embedding_rows(tmp_path, tiny_model, instance_dir, cache_env,
+                                                                       capsys):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "out", "--max-train-steps", "3",
+                                               "--text-encoder-scope", "identifier", "--text-encoder-lr", "1e-1",
+                                               "--adam-weight-decay", "0.5"))
+    assert code == 0, err
+    base = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
+    tuned = CLIPTextModel.from_pretrained(tmp_path / "out" / "model", subfolder="text_encoder")
+    ids = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")("yltcaxe", add_special_tokens=False).input_ids
+    changed = (base.get_input_embeddings().weight != tuned.get_input_embeddings().weight).any(dim=1)
+    assert sorted(changed.nonzero().flatten().tolist()) == sorted(set(ids)), "only the identifier's rows moved"
+    for name, value in base.state_dict().items():
+        if "token_embedding" not in name:
+            assert torch.equal(value, tuned.state_dict()[name]), name
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "b", "--text-encoder-scope",
+                                               "identifier", "--method", "lora"))
+    assert code == 2 and "text_encoder_scope" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "c", "--text-encoder-scope",
+                                               "identifier", "--instance-prompt", "artstyle"))
+    assert code == 2 and "no identifier word" in err and len(err.strip().splitlines()) == 1, err

@@ -85,6 +85,12 @@ class TrainConfig(BaseModel):
         description="Module names that get LoRA layers (comma-separated or repeated).",
     )
     train_text_encoder: bool = Field(True, description="Train the text encoder along with the UNet.")
+    text_encoder_scope: Literal["all", "identifier"] = Field(
+        "all",
+        description="What of the text encoder trains: all its weights, or only the identifier's token embeddings "
+        "(pivotal-tuning style; prompts without the identifier then encode exactly as in the base model). Full "
+        "fine-tuning only.",
+    )
     use_8bit_adam: bool = Field(True, description="Use bitsandbytes' 8-bit AdamW.")
     learning_rate: float = Field(
         1e-6, gt=0.0, description="Learning rate; default 1e-6 for full fine-tuning, 1e-4 for LoRA."
@@ -158,6 +164,12 @@ class TrainConfig(BaseModel):
             if isinstance(targets, (list, tuple)):
                 data = {**data, "lora_targets": [t.strip() for item in targets for t in str(item).split(",") if t.strip()]}
         return data
+
+    @model_validator(mode="after")
+    def _identifier_scope(self) -> "TrainConfig":
+        if self.text_encoder_scope == "identifier" and (self.method != "full" or not self.train_text_encoder):
+            raise ValueError("text_encoder_scope 'identifier' needs method 'full' and train_text_encoder")
+        return self
 
     @model_validator(mode="after")
     def _timestep_range(self) -> "TrainConfig":

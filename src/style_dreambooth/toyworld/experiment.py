@@ -55,7 +55,8 @@ class ExperimentConfig:
     instance_prompt: str = "yltcaxe artstyle"
     class_prompt: str = "artstyle"
     n_instances: int = 5
-    captions: bool = False  # write "a red circle, yltcaxe artstyle" captions next to the instance images
+    captions: bool = True  # write "a red circle, yltcaxe artstyle" captions next to the instance images
+    class_prompts_from_captions: bool = True  # class images from "a red circle, artstyle" etc. (needs captions)
     with_prior_preservation: bool = True
     train_text_encoder: bool = True
     num_class_images: int = 50
@@ -214,6 +215,7 @@ def train_config(cfg: ExperimentConfig, work: Path, instance_dir: Path) -> Train
         class_prompt=cfg.class_prompt,
         class_dir=work / "class-images",
         with_prior_preservation=cfg.with_prior_preservation,
+        class_prompts_from_captions=cfg.class_prompts_from_captions,
         num_class_images=cfg.num_class_images,
         sample_batch_size=16,
         class_inference_steps=cfg.class_inference_steps,

@@ -246,6 +246,11 @@ def _train(cfg: TrainConfig) -> Path:
     if cfg.method == "lora":
         lora_targets(cfg, base.unet, base.text_encoder)
     identifier = find_identifier(cfg.instance_prompt, class_prompt)
+    if cfg.text_encoder_scope == "identifier" and not identifier:
+        raise UserError(
+            f"--text-encoder-scope identifier: instance prompt '{cfg.instance_prompt}' has no identifier word "
+            f"that the class prompt '{class_prompt}' lacks"
+        )
     if identifier and main:
         report = analyze_identifier(tokenizer, identifier)
         (log.info if report.is_single_token else log.warning)(format_identifier_report(report))
@@ -271,7 +276,8 @@ def _train(cfg: TrainConfig) -> Path:
         with progress_bar("caching latents", len(fixed), enabled=main) as bar:
             encoder.precompute(fixed, report=(lambda n: bar.update(0, completed=n)) if bar else None)
     torch.manual_seed(cfg.seed)  # LoRA's initial weights
-    trainables = make_trainables(cfg, unet, text_encoder, model_identity(cfg.base_model, cfg.revision))
+    identifier_ids = tokenizer(identifier, add_special_tokens=False).input_ids if identifier else None
+    trainables = make_trainables(cfg, unet, text_encoder, model_identity(cfg.base_model, cfg.revision), identifier_ids)
     if checkpoint is not None:
         trainables.load_weights(checkpoint)
     trainables.cast_frozen(weight_dtype)
@@ -430,6 +436,7 @@ def _train(cfg: TrainConfig) -> Path:
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         optimizer.step()
+                        trainables.after_step()
                         optimizer.zero_grad(set_to_none=True)
                     prior = parts.prior.detach() if parts.prior is not None else torch.zeros((), device=sums.device)
                     sums += torch.stack([parts.total.detach(), parts.instance.detach(), prior]).float() / accum

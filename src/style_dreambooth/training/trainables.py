@@ -34,6 +34,8 @@ class Trainables(Protocol):
 
     def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None: ...
 
+    def after_step(self) -> None: ...
+
 
 def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
@@ -48,16 +50,38 @@ def _param_groups(cfg: TrainConfig, modules: dict[str, torch.nn.Module]) -> list
 
 
 class FullTrainables:
-    """Every UNet weight (and text-encoder weight with --train-text-encoder) trains."""
+    """Every UNet weight (and text-encoder weight with --train-text-encoder) trains; with
+    --text-encoder-scope identifier, of the text encoder only the identifier's embedding rows."""
 
-    def __init__(self, cfg: TrainConfig, unet, text_encoder) -> None:
+    def __init__(self, cfg: TrainConfig, unet, text_encoder, identifier_ids: list[int] | None = None) -> None:
         self.cfg = cfg
         unet.requires_grad_(True)
         text_encoder.requires_grad_(cfg.train_text_encoder)
         self.modules = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+        self._embeddings = None
+        if cfg.train_text_encoder and cfg.text_encoder_scope == "identifier":
+            assert identifier_ids, "the loop checks that the instance prompt has an identifier"
+            text_encoder.requires_grad_(False)
+            weight = text_encoder.get_input_embeddings().weight
+            weight.requires_grad_(True)
+            self._embeddings = (weight, weight.detach().clone(), torch.tensor(sorted(set(identifier_ids))))
 
     def param_groups(self) -> list[dict[str, Any]]:
         return _param_groups(self.cfg, self.modules)
+
+    def after_step(self) -> None:
+        """Put back every embedding row but the identifier's, whatever the optimizer (weight decay,
+        8-bit states) did to them: prompts without the identifier keep the base's encoding."""
+        if self._embeddings is None:
+            return
+        weight, base, rows = self._embeddings
+        if base.device != weight.device:
+            base, rows = base.to(weight.device), rows.to(weight.device)
+            self._embeddings = weight, base, rows
+        with torch.no_grad():
+            trained = weight[rows].clone()
+            weight.copy_(base)
+            weight[rows] = trained
 
     def save_weights(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
         for name, module in modules.items():
@@ -160,6 +184,9 @@ class LoraTrainables:
     def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None:
         self.save_weights(folder, modules)
 
+    def after_step(self) -> None:
+        """Nothing to put back: only the adapters train."""
+
 
 def base_model_hash(identity: dict[str, Any]) -> str:
     """A short, stable hash of the base model's identity fingerprint (see models.loading.model_identity)."""
@@ -167,7 +194,9 @@ def base_model_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def make_trainables(cfg: TrainConfig, unet, text_encoder, identity: dict[str, Any]) -> Trainables:
+def make_trainables(
+    cfg: TrainConfig, unet, text_encoder, identity: dict[str, Any], identifier_ids: list[int] | None = None
+) -> Trainables:
     if cfg.method == "lora":
         return LoraTrainables(cfg, unet, text_encoder, base_model_hash(identity))
-    return FullTrainables(cfg, unet, text_encoder)
+    return FullTrainables(cfg, unet, text_encoder, identifier_ids)
