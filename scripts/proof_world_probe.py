@@ -6,7 +6,7 @@
     python scripts/proof_world_probe.py curve lora-kv --steps 250,500 --set method=lora --set rank=16 \\
         --set 'lora_targets=[attn2.to_k,attn2.to_v,q_proj,k_proj,v_proj,out_proj]' --set learning_rate=1e-3
     # the same, training only the identifier's token embeddings in the text encoder (pivotal-tuning style)
-    python scripts/proof_world_probe.py curve rows --set text_encoder_lr=1e-3 --identifier-embeddings-only
+    python scripts/proof_world_probe.py curve rows --set text_encoder_lr=1e-3 --set text_encoder_scope=identifier
     # the same recipe with instance images in a style the base can draw (hit and leak then judge it)
     python scripts/proof_world_probe.py curve watercolor --steps 250,500 --instance-style watercolor
     # another base and the judges trained with it (docs/proof-world.md, stage 5)
@@ -57,49 +57,17 @@ def experiment_config(settings: list[str]) -> ExperimentConfig:
     return replace(cfg, train_overrides=overrides)
 
 
-def train_identifier_embeddings_only(identifier: str) -> None:
-    """Patch full fine-tuning so that the text encoder trains only the identifier's embedding rows
-    (every other prompt's encoding stays exactly the base's). An experiment, not a product option."""
-    from style_dreambooth.training import trainables
-
-    full_init, param_groups = trainables.FullTrainables.__init__, trainables._param_groups
-
-    def init(self, cfg, unet, text_encoder) -> None:
-        full_init(self, cfg, unet, text_encoder)
-        from transformers import CLIPTokenizer
-
-        ids = CLIPTokenizer.from_pretrained(cfg.base_model, subfolder="tokenizer")(
-            identifier, add_special_tokens=False).input_ids
-        text_encoder.requires_grad_(False)
-        weight = text_encoder.get_input_embeddings().weight
-        weight.requires_grad_(True)
-        rows = torch.zeros(weight.shape[0], 1)
-        rows[ids] = 1.0
-        weight.register_hook(lambda grad: grad * rows.to(grad))
-
-    def groups(cfg, modules):
-        out = param_groups(cfg, modules)
-        for group in out[1:]:
-            group["weight_decay"] = 0.0  # so the frozen rows do not decay either
-        return out
-
-    trainables.FullTrainables.__init__ = init
-    trainables._param_groups = groups
-
-
 def row(label: str, m: ExperimentMetrics) -> str:
     return f"| {label} | " + " | ".join(f"{getattr(m, c):.2f}" for c in COLUMNS) + " |"
 
 
 def curve(args) -> None:
     cfg = experiment_config(args.set)
-    if args.identifier_embeddings_only:
-        train_identifier_embeddings_only(cfg.instance_prompt.split()[0])
     if args.instance_style:
         experiment.ARTIST_STYLE = args.instance_style  # instance images, hit and leak all read this style
     t0 = time.perf_counter()
     out = run_curve(cfg, args.work / args.name, [int(s) for s in args.steps.split(",")], Judges.load(args.judges))
-    settings = " ".join(args.set) + (" identifier-embeddings-only" if args.identifier_embeddings_only else "")
+    settings = " ".join(args.set)
     settings += f" instance-style={args.instance_style}" if args.instance_style else ""
     lines = [row(f"{args.name} ({settings or 'defaults'}) step {k}", m) for k, m in out.items()]
     with open(args.work / "summary.md", "a", encoding="utf-8") as f:
@@ -142,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("name")
     c.add_argument("--steps", default="250,500,750,1000")
     c.add_argument("--set", action="append", default=[], help="key=value (ExperimentConfig or TrainConfig field)")
-    c.add_argument("--identifier-embeddings-only", action="store_true")
     c.add_argument("--instance-style", default=None,
                    help="draw the instance images in this style instead of yltcaxe (hit and leak then judge it)")
     s = sub.add_parser("swap", help="judge a run with its UNet or text encoder swapped for the base's")

@@ -93,6 +93,8 @@ def base_config(out: Path, work: Path, steps: int, every: int | None = None, ada
         "use_8bit_adam": adam8,
         "offset_noise": demo.offset_noise,
         "learning_rate": demo.learning_rate,
+        "text_encoder_lr": demo.text_encoder_lr,
+        "text_encoder_scope": demo.text_encoder_scope,
         "max_train_steps": steps,
         "checkpointing_steps": every or max(1, steps // 8),
         "validation_steps": 0,

@@ -89,7 +89,7 @@ class TrainConfig(BaseModel):
         "all",
         description="What of the text encoder trains: all its weights, or only the identifier's token embeddings "
         "(pivotal-tuning style; prompts without the identifier then encode exactly as in the base model). Full "
-        "fine-tuning only.",
+        "fine-tuning only; moot with a frozen text encoder.",
     )
     use_8bit_adam: bool = Field(True, description="Use bitsandbytes' 8-bit AdamW.")
     learning_rate: float = Field(
@@ -167,8 +167,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _identifier_scope(self) -> "TrainConfig":
-        if self.text_encoder_scope == "identifier" and (self.method != "full" or not self.train_text_encoder):
-            raise ValueError("text_encoder_scope 'identifier' needs method 'full' and train_text_encoder")
+        if self.text_encoder_scope == "identifier" and self.method != "full" and self.train_text_encoder:
+            raise ValueError("text_encoder_scope 'identifier' is for method 'full' (LoRA trains adapters, not embeddings)")
         return self
 
     @model_validator(mode="after")

@@ -84,7 +84,10 @@ def write_html(out: Path, metrics: ExperimentMetrics, gallery: Gallery, wall_sec
         "same <code>train</code> code as a real run. Small CNN judges trained on the renderer's ground truth score "
         "the outputs. Evaluation uses subjects and colours that are <b>not</b> in the instance images.</p>",
         f"<p>Wall time: {wall_seconds:.0f} s. Training: {metrics.train_seconds:.0f} s, "
-        f"{metrics.config.get('max_train_steps')} steps at lr {metrics.config.get('learning_rate')}.</p>",
+        f"{metrics.config.get('max_train_steps')} steps at lr {metrics.config.get('learning_rate')}; text encoder: "
+        f"{html.escape(str(metrics.config.get('text_encoder_scope', 'all')))} at lr "
+        f"{metrics.config.get('text_encoder_lr') or metrics.config.get('learning_rate')}; class images from the "
+        f"instance captions: {'yes' if metrics.config.get('class_prompts_from_captions') else 'no'}.</p>",
         "<h2>Instance images (prompt: <code>" + html.escape(str(metrics.config.get("instance_prompt"))) + "</code>)</h2>",
         f"<img src='{save(make_grid(gallery.instances, cols=len(gallery.instances)), 'instances.png', 3)}'>",
         "<h2>Metrics</h2>",

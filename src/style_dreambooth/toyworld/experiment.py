@@ -62,7 +62,8 @@ class ExperimentConfig:
     num_class_images: int = 50
     class_inference_steps: int = 25
     learning_rate: float = 1e-4
-    text_encoder_lr: float | None = None  # None: same as learning_rate
+    text_encoder_lr: float | None = 5e-3  # None: same as learning_rate
+    text_encoder_scope: str = "identifier"  # only the identifier's embeddings train ("all": every weight)
     method: str = "full"  # or "lora"
     rank: int = 4
     prior_loss_weight: float = 1.0
@@ -224,6 +225,7 @@ def train_config(cfg: ExperimentConfig, work: Path, instance_dir: Path) -> Train
         use_8bit_adam=cfg.use_8bit_adam,
         learning_rate=cfg.learning_rate,
         text_encoder_lr=cfg.text_encoder_lr,
+        text_encoder_scope=cfg.text_encoder_scope if cfg.method == "full" else "all",
         method=cfg.method,
         rank=cfg.rank,
         prior_loss_weight=cfg.prior_loss_weight,
