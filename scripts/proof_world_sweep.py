@@ -2,7 +2,7 @@
 the way the ground-truth judges do, and does the checkpoint rule pick what the judges would?
 
 Writes a base config for the shipped tiny SD 1.x base (5 yltcaxe instance images, prior
-preservation, text encoder trained, 64 px), runs `run_sweep` over a small grid with the judges
+preservation, text encoder trained: the demo's recipe), runs `run_sweep` over a small grid with the judges
 switched on and the proof world's held-out prompt file, then copies the report and the images it
 shows into OUT (a self-contained folder with relative paths) and writes OUT/README.md with, per run,
 the rank correlation, the rule's pick against the judges' best and a small metric table.
@@ -202,9 +202,9 @@ def write_readme(out: Path, evals, args: argparse.Namespace, grid: dict, timing:
         f"({platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), {wall}). "
         "Open [report.html](report.html) for image grids, all metrics and plots against steps.",
         "",
-        "Setup: the shipped tiny SD 1.x base fine-tuned through `train` on the 5 yltcaxe images in "
-        "[instance/](instance/) with prior preservation (class prompt `artstyle`, 24 class images), text encoder "
-        f"trained, 64 px, batch 2, {'8-bit' if args.adam == '8bit' else 'torch'} AdamW, offset noise 0.1, seed 0, "
+        "Setup: the shipped tiny SD 1.x base fine-tuned through `train` on the 5 captioned yltcaxe images in "
+        "[instance/](instance/) with prior preservation (class prompt `artstyle`, 24 class images generated from the "
+        "captions), the text encoder's identifier embeddings trained at lr 5e-3, UNet lr 1e-4, 64 px, batch 2, {'8-bit' if args.adam == '8bit' else 'torch'} AdamW, offset noise 0.1, seed 0, "
         f"{args.steps} steps with a checkpoint every {args.checkpoint_every or max(1, args.steps // 8)} "
         "([base.yaml](base.yaml))"
         + ("; runs ([runs.yaml](runs.yaml)): " + "; ".join(
