@@ -187,6 +187,7 @@ def write_readme(out: Path, evals, args: argparse.Namespace, grid: dict, timing:
     import torch
 
     from style_dreambooth.evaluation.agreement import format_rho, pooled_rank_correlation
+    from style_dreambooth.toyworld.demo import demo_config
 
     settings = evals[0].settings
     seconds, invocations = timing
@@ -195,6 +196,7 @@ def write_readme(out: Path, evals, args: argparse.Namespace, grid: dict, timing:
     docs = (REPO / "docs").resolve()
     metrics_link = (f"[docs/metrics.md]({os.path.relpath(docs / 'metrics.md', out.resolve())})"
                     if out.resolve().is_relative_to(docs) else "docs/metrics.md")
+    demo = demo_config()  # the recipe base_config() wrote
     lines = [
         "# Proof-world sweep: does the weight-free style distance rank checkpoints like the judges?",
         "",
@@ -203,8 +205,11 @@ def write_readme(out: Path, evals, args: argparse.Namespace, grid: dict, timing:
         "Open [report.html](report.html) for image grids, all metrics and plots against steps.",
         "",
         "Setup: the shipped tiny SD 1.x base fine-tuned through `train` on the 5 captioned yltcaxe images in "
-        "[instance/](instance/) with prior preservation (class prompt `artstyle`, 24 class images generated from the "
-        "captions), the text encoder's identifier embeddings trained at lr 5e-3, UNet lr 1e-4, 64 px, batch 2, {'8-bit' if args.adam == '8bit' else 'torch'} AdamW, offset noise 0.1, seed 0, "
+        f"[instance/](instance/) with prior preservation (class prompt `{demo.class_prompt}`, "
+        f"{demo.num_class_images} class images generated from the captions), the text encoder's identifier "
+        f"embeddings trained at lr {demo.text_encoder_lr:g}, UNet lr {demo.learning_rate:g}, 64 px, batch "
+        f"{demo.train_batch_size}, {'8-bit' if args.adam == '8bit' else 'torch'} AdamW, offset noise "
+        f"{demo.offset_noise:g}, seed 0, "
         f"{args.steps} steps with a checkpoint every {args.checkpoint_every or max(1, args.steps // 8)} "
         "([base.yaml](base.yaml))"
         + ("; runs ([runs.yaml](runs.yaml)): " + "; ".join(
