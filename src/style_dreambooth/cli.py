@@ -266,6 +266,9 @@ def token(word: str, base_model: str | None) -> None:
     """Show how WORD tokenizes and suggest single-token rare identifiers."""
     from .models.tokenizer import analyze_identifier, build_clip_tokenizer, format_identifier_report
 
+    if not word.strip():
+        raise UserError("WORD is empty; pass the identifier to check, e.g. 'style-dreambooth token yltcaxe'")
+
     if base_model:
         from .models.loading import load_pipeline
 
@@ -286,10 +289,24 @@ def dash_option_names(argv: list[str]) -> list[str]:
     return out
 
 
+def refuse_undecodable(argv: list[str]) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates, which no tokenizer or file format takes:
+    refuse such an argument (a prompt, say) unless it names an existing file."""
+    for arg in argv:
+        value = arg.partition("=")[2] if arg.startswith("--") and "=" in arg else arg
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            if not os.path.lexists(value):
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise UserError(f"argument '{shown}' holds bytes that are not UTF-8 text; write it in UTF-8") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors with exit code 2 for user errors."""
     argv = dash_option_names(sys.argv[1:] if argv is None else argv)
     try:
+        refuse_undecodable(argv)
         app.main(args=argv, prog_name="style-dreambooth", standalone_mode=False)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)

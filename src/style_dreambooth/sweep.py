@@ -15,6 +15,7 @@ import yaml
 
 from .config import build_config, load_yaml, normalize_keys, read_yaml
 from .errors import UserError
+from .locks import hold_folder
 from .files import make_output_dir
 from .evaluation.agreement import pooled_rank_correlation
 from .evaluation.evaluate import RunEvaluation, evaluate_run
@@ -169,22 +170,23 @@ def run_sweep(
     # Validate every run's config before any training starts.
     configs = [build_config(base, {**over, "output_dir": out / "runs" / name}) for name, over in plan]
     make_output_dir(out, "--out")
-    record = {"config": str(config_file), "grid": grid, **({"runs": runs} if runs else {})}
-    (out / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-    evals: list[RunEvaluation] = []
-    for i, cfg in enumerate(configs, 1):
-        run = RunFolder(cfg.output_dir)
-        _check_same_run(run, cfg)
-        if run.is_finished():
-            log.info("sweep %d/%d: %s already trained", i, len(configs), cfg.output_dir.name)
-        else:
-            if list_checkpoints(cfg.output_dir):
-                cfg = cfg.model_copy(update={"resume_from_checkpoint": "latest"})
-                log.info("sweep %d/%d: resuming %s", i, len(configs), cfg.output_dir.name)
+    with hold_folder(out, "sweep folder"):  # each run also locks its own folder
+        record = {"config": str(config_file), "grid": grid, **({"runs": runs} if runs else {})}
+        (out / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        evals: list[RunEvaluation] = []
+        for i, cfg in enumerate(configs, 1):
+            run = RunFolder(cfg.output_dir)
+            _check_same_run(run, cfg)
+            if run.is_finished():
+                log.info("sweep %d/%d: %s already trained", i, len(configs), cfg.output_dir.name)
             else:
-                cfg = cfg.model_copy(update={"overwrite": True})
-                log.info("sweep %d/%d: training %s", i, len(configs), cfg.output_dir.name)
-            train(cfg)
-        evals.append(evaluate_run(cfg.output_dir, shared_base=out / "base-eval", **(eval_kwargs or {})))
-    write_judge_agreement(evals, out)
-    return write_report(evals, out, f"Sweep report: {config_file.name}")
+                if list_checkpoints(cfg.output_dir):
+                    cfg = cfg.model_copy(update={"resume_from_checkpoint": "latest"})
+                    log.info("sweep %d/%d: resuming %s", i, len(configs), cfg.output_dir.name)
+                else:
+                    cfg = cfg.model_copy(update={"overwrite": True})
+                    log.info("sweep %d/%d: training %s", i, len(configs), cfg.output_dir.name)
+                train(cfg)
+            evals.append(evaluate_run(cfg.output_dir, shared_base=out / "base-eval", **(eval_kwargs or {})))
+        write_judge_agreement(evals, out)
+        return write_report(evals, out, f"Sweep report: {config_file.name}")

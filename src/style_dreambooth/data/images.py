@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from style_dreambooth.errors import UserError
 
@@ -19,8 +19,12 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+    | ({".avif"} if features.check("avif") else set())  # Pillow 11.2+ reads AVIF where built with libavif
 )
 """Lower-case file extensions (with the dot) treated as images."""
+
+# Photo formats this Pillow cannot read: skipped with a warning, not silently.
+UNREADABLE_PHOTO_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif", ".avif"}) - IMAGE_EXTENSIONS
 
 CAPTION_EXTENSION = ".txt"
 
@@ -130,6 +134,11 @@ def load_image(path: Path, min_size: int = 64) -> Image.Image:
     """
     path = Path(path)
     shown = _show(path)
+    if path.is_symlink() and not path.exists():
+        raise UserError(
+            f"image '{shown}' is a broken link (its target is missing, or the link loops back on itself); "
+            "fix the link or remove it"
+        )
     try:
         img = Image.open(path)
     except FileNotFoundError as exc:
@@ -238,6 +247,12 @@ def list_images(directory: Path, role: str = "instance", min_size: int = 64) -> 
             images.append(entry)
         elif suffix == CAPTION_EXTENSION:
             other_files += 1
+        elif suffix in UNREADABLE_PHOTO_EXTENSIONS:
+            other_files += 1
+            logger.warning(
+                "skipping %s in %s '%s': this Pillow cannot read %s images; convert it to PNG or JPEG to train on it",
+                _show(entry), label, shown, suffix[1:].upper(),
+            )
         else:
             other_files += 1
             logger.info("ignoring non-image file %s in %s '%s'", _show(entry), label, shown)

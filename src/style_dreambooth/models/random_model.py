@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..errors import UserError
+from ..files import give_usual_modes
 from .tokenizer import VOCAB_SIZE, build_clip_tokenizer, write_vocab_files
 
 logger = logging.getLogger(__name__)
@@ -231,6 +232,7 @@ def save_random_model(
         pipe.save_pretrained(tmp_dir, safe_serialization=True)
         # transformers 5 saves only tokenizer.json; add the classic files for older readers.
         write_vocab_files(tmp_dir / "tokenizer")
+        give_usual_modes(tmp_dir)  # mkdtemp and safetensors make them private (0700, 0600)
         _move_into_place(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..files import give_usual_mode
 
 logger = logging.getLogger(__name__)
 
@@ -513,7 +514,7 @@ def _write_atomically(
             save_file(tensors, str(tmp), metadata=metadata)
             # safetensors creates its files 0600, which would hide the checkpoint from a web UI
             # running as another user: give it the usual permissions of a new file.
-            os.chmod(tmp, 0o666 & ~_umask())
+            give_usual_mode(tmp)
             os.replace(tmp, out_file)
         except OSError as exc:
             raise UserError(
@@ -524,15 +525,3 @@ def _write_atomically(
         tmp.unlink(missing_ok=True)
         raise
 
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (``os.umask`` is racy)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

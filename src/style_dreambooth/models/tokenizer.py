@@ -25,6 +25,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 BPE_ASSET = "bpe_simple_vocab_16e6.txt.gz"
@@ -35,6 +37,11 @@ EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 # 256 single chars + 256 chars with </w> + merges + 2 special tokens = 49408.
 _N_MERGES = VOCAB_SIZE - 2 * 256 - 2
+# Rarity proxy: a BPE vocabulary is numbered in merge order, and BPE merges the most frequent pairs
+# first, so a word's token id (its merge rank + 512) says how common it was in CLIP's training text.
+# Below this id a word is common ("painting" 3086, "dog" 1929, "moonlight" 20001); "sks" (48136) and
+# "ohwx" (47993) are above it.
+COMMON_TOKEN_BELOW = 30000
 
 # Common English words that make poor identifiers even though they are single tokens.
 _COMMON_WORDS = frozenset(
@@ -167,6 +174,15 @@ class IdentifierReport:
     def is_single_token(self) -> bool:
         return len(self.ids) == 1
 
+    @property
+    def is_common(self) -> bool:
+        """One token merged early in BPE (id below COMMON_TOKEN_BELOW): a frequent word with a prior meaning."""
+        return self.is_single_token and self.ids[0] < COMMON_TOKEN_BELOW
+
+    @property
+    def is_good(self) -> bool:
+        return self.is_single_token and not self.is_common
+
 
 def _display_piece(piece: str) -> str:
     return piece[: -len(END_OF_WORD)] if piece.endswith(END_OF_WORD) else piece
@@ -195,12 +211,12 @@ def _rare_single_tokens(tokenizer: CLIPTokenizer, n: int, exclude: str) -> list[
 
 
 def analyze_identifier(tokenizer: CLIPTokenizer, word: str, n_suggestions: int = 5) -> IdentifierReport:
-    """Tokenize ``word`` and, if it is more than one token, suggest rare single-token words."""
+    """Tokenize ``word`` and, if it is more than one token or a common one, suggest rare single-token words."""
     word = word.strip()
     ids = list(tokenizer(word, add_special_tokens=False)["input_ids"])
     pieces = list(tokenizer.convert_ids_to_tokens(ids))
     suggestions: list[str] = []
-    if len(ids) != 1 and n_suggestions > 0:
+    if (len(ids) != 1 or ids[0] < COMMON_TOKEN_BELOW) and n_suggestions > 0:
         suggestions = _rare_single_tokens(tokenizer, n_suggestions, exclude=word.lower())
     return IdentifierReport(word=word, pieces=pieces, ids=ids, suggestions=suggestions)
 
@@ -208,8 +224,19 @@ def analyze_identifier(tokenizer: CLIPTokenizer, word: str, n_suggestions: int =
 def format_identifier_report(report: IdentifierReport) -> str:
     """A few human-readable lines describing an :class:`IdentifierReport`."""
     shown = " | ".join(_display_piece(p) for p in report.pieces)
-    if report.is_single_token:
-        return f"'{report.word}' -> 1 BPE token (id {report.ids[0]}): good, a rare identifier should be one token."
+    if report.is_good:
+        return (
+            f"'{report.word}' -> 1 BPE token (id {report.ids[0]}, a rare one: merged late in BPE, id >= "
+            f"{COMMON_TOKEN_BELOW}): good, a rare identifier should be one token."
+        )
+    if report.is_common:
+        lines = [
+            f"'{report.word}' -> 1 BPE token (id {report.ids[0]}), but a common word (merged early in BPE, id < "
+            f"{COMMON_TOKEN_BELOW}): it carries a prior meaning that the style would mix with.",
+        ]
+        if report.suggestions:
+            lines.append("try a rare word: " + ", ".join(report.suggestions))
+        return "\n".join(lines)
     if not report.ids:
         return f"'{report.word}' -> no tokens: the identifier is empty."
     lines = [
@@ -219,3 +246,61 @@ def format_identifier_report(report: IdentifierReport) -> str:
     if report.suggestions:
         lines.append("try: " + ", ".join(report.suggestions))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- prompt length
+
+
+def readable_tokens(tokenizer) -> int:
+    """How many prompt tokens the text encoder reads (77 less the start and end tokens for CLIP)."""
+    return tokenizer.model_max_length - 2
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _word_end(tokenizer, prompt: str, word: str) -> int | None:
+    """How many tokens of `prompt` run up to the end of its first whole `word` (None if absent)."""
+    m = re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt.lower())
+    return None if m is None else count_tokens(tokenizer, prompt[: m.end()])
+
+
+def _is_rare(tokenizer, word: str) -> bool:
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    return len(ids) > 1 or (len(ids) == 1 and ids[0] >= COMMON_TOKEN_BELOW)
+
+
+def check_instance_prompt_fits(tokenizer, label: str, prompt: str, class_prompt: str | None, identifier: str | None) -> None:
+    """Refuse an instance prompt (or captioned prompt, named by `label`) that the text encoder cuts before
+    its identifier: the identifier as found, or any rare word past the cut, which is the likelier one."""
+    limit = readable_tokens(tokenizer)
+    n = count_tokens(tokenizer, prompt)
+    if n <= limit:
+        return
+    class_words = set(_prompt_words(class_prompt))
+    candidates = [identifier] if identifier else []
+    candidates += [w for w in _prompt_words(prompt) if w not in class_words and w not in _PROMPT_FILLER and _is_rare(tokenizer, w)]
+    for word in dict.fromkeys(candidates):
+        end = _word_end(tokenizer, prompt, word)
+        if end is not None and end > limit:
+            raise UserError(
+                f"{label} is {n} CLIP tokens and the text encoder reads only the first {limit}: the identifier "
+                f"'{word}' ends at token {end} and would never be trained; shorten it or put the identifier first"
+            )
+
+
+def warn_if_truncated(tokenizer, prompts: dict[str, str]) -> None:
+    """A warning for each prompt (label -> text) longer than the text encoder reads, with its token count."""
+    limit = readable_tokens(tokenizer)
+    seen: set[str] = set()
+    for label, prompt in prompts.items():
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        n = count_tokens(tokenizer, prompt)
+        if n > limit:
+            logger.warning(
+                "%s is %d CLIP tokens; the text encoder reads only the first %d, so its last %d are ignored: %r",
+                label, n, limit, n - limit, prompt,
+            )

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..files import replace_folder
+from .lora_file import LORA_FILE
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,12 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write_weights(tmp)
-    torch.save({"step": step, **state}, tmp / STATE_FILE)
+    try:
+        write_weights(tmp)
+        torch.save({"step": step, **state}, tmp / STATE_FILE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes space a full disk needs
+        raise
     replace_folder(tmp, final)
     log.info("saved checkpoint %s", final)
     if total_limit is not None:
@@ -94,6 +99,38 @@ def save_checkpoint(
             shutil.rmtree(old)
             log.info("removed old checkpoint %s (checkpoints_total_limit=%d)", old, total_limit)
     return final
+
+
+def checkpoint_method(folder: Path) -> str | None:
+    """'lora' or 'full': which method wrote the checkpoint `folder` (None if neither's files are there)."""
+    if (folder / LORA_FILE).is_file():
+        return "lora"
+    if (folder / "unet").is_dir():
+        return "full"
+    return None
+
+
+def check_checkpoint_method(folder: Path, method: str) -> None:
+    """Refuse to resume a run of `method` from a checkpoint the other method wrote."""
+    found = checkpoint_method(folder)
+    if found is not None and found != method:
+        raise UserError(
+            f"checkpoint '{folder}' was written by method {found}, but this run trains method {method}; "
+            f"resume a {found} run from it (--method {found}) or remove it from this run's checkpoints/"
+        )
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in `obj` (a module, tensor, or nested dicts/lists of them): what saving it takes."""
+    if isinstance(obj, torch.nn.Module):
+        return sum(t.numel() * t.element_size() for t in (*obj.parameters(), *obj.buffers()))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:

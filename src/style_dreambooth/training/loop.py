@@ -6,8 +6,10 @@ steps (log, sample, checkpoint) -> final model. Only the main process writes fil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import shutil
 import time
 from datetime import timedelta
@@ -26,13 +28,20 @@ from ..data.dataset import (
 from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.latent_cache import LatentEncoder
 from ..errors import UserError
+from ..files import disk_full_is_user_error, make_output_dir
+from ..locks import hold_folder, remove_lock_file
 from ..models.backbone import PromptEncoder, assemble_pipeline, prediction_type
 from ..models.loading import load_run_base, model_identity
-from ..models.tokenizer import analyze_identifier, find_identifier, format_identifier_report
+from ..models.tokenizer import (
+    analyze_identifier, check_instance_prompt_fits, find_identifier, format_identifier_report, warn_if_truncated,
+)
 from ..progress import progress_bar
 from ..sampling.generate import sample
 from ..sampling.images import make_grid, make_scheduler, save_png
-from .checkpoints import load_training_state, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    check_checkpoint_method, checkpoint_name, load_training_state, resolve_checkpoint, save_checkpoint, state_bytes,
+)
+from .memory import check_fits_in_memory
 from .loss import diffusion_target, dreambooth_loss
 from .optim import make_lr_scheduler, make_optimizer
 from .trainables import lora_targets, make_trainables
@@ -154,6 +163,7 @@ def class_image_examples(
         sampler="dpm++",
         seed=cfg.seed,
         prompts=prompts,
+        batch_size=cfg.sample_batch_size,
     )
 
     def make_generator():
@@ -184,19 +194,57 @@ def class_image_examples(
     return [Example(path, spec.prompt_for(i)) for i, path in enumerate(paths)]
 
 
+def check_prompt_lengths(
+    tokenizer, cfg: TrainConfig, class_prompt: str | None, class_prompts: tuple[str, ...],
+    instances: list[Example], identifier: str | None, warn: bool,
+) -> None:
+    """Refuse an instance prompt cut before its identifier; warn of every other prompt the text encoder cuts."""
+    labelled = {"the instance prompt": cfg.instance_prompt}
+    labelled.update({f"the prompt of '{e.path.name}' (with its caption)": e.prompt for e in instances})
+    for label, prompt in labelled.items():
+        check_instance_prompt_fits(tokenizer, label, prompt, class_prompt, identifier)
+    if not warn:
+        return
+    if class_prompt:
+        labelled["the class prompt"] = class_prompt
+    labelled.update({f"class prompt {i + 1}": p for i, p in enumerate(class_prompts)})
+    labelled.update({f"validation prompt {i + 1}": p for i, p in enumerate(cfg.validation_prompt)})
+    warn_if_truncated(tokenizer, labelled)
+
+
+def _is_main_process() -> bool:
+    """Before accelerate starts: rank 0 of a launch (or a plain process) owns the run folder."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run DreamBooth training as configured; return the final model folder.
 
-    If a user error stops the run before training starts, an output dir this call created
-    is removed again, so nothing half-written is left behind.
+    The run holds its folder's lock throughout. If the run fails or is stopped, the previous run
+    it was replacing is put back whole; an output dir this call created and left empty is removed.
     """
-    created = not cfg.output_dir.exists()
+    cfg = absolute_paths(cfg)
+    check_fits_in_memory(cfg)
+    run = RunFolder(cfg.output_dir)
+    created = not run.root.exists()
+    main = _is_main_process()
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        return _train(cfg)
-    except UserError:
-        if created and cfg.output_dir.is_dir() and not any(cfg.output_dir.iterdir()):
-            cfg.output_dir.rmdir()
+        if main:
+            make_output_dir(run.root, "--output-dir")
+        with hold_folder(run.root, "output dir") if main else contextlib.nullcontext():
+            try:
+                with disk_full_is_user_error(run.root, None, run.what_is_kept):
+                    return _train(cfg)
+            except BaseException:
+                if main:
+                    run.restore_previous()
+                raise
+    except BaseException:
+        if main and created and run.root.is_dir():
+            remove_lock_file(run.root)
+            if not any(run.root.iterdir()):
+                run.root.rmdir()
         raise
     finally:  # --allow-tf32 is this run's setting, not the process's
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
@@ -214,6 +262,7 @@ def _train(cfg: TrainConfig) -> Path:
     run.prepare(overwrite=cfg.overwrite, resuming=resuming)
     checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint) if resuming else None
     if resuming:
+        check_checkpoint_method(checkpoint, cfg.method)
         check_resume_config(run, cfg)
 
     # accelerate keeps one global state per process; a second run in the same process (a sweep,
@@ -253,9 +302,10 @@ def _train(cfg: TrainConfig) -> Path:
             f"--text-encoder-scope identifier: instance prompt '{cfg.instance_prompt}' has no identifier word "
             f"that the class prompt '{class_prompt}' lacks"
         )
+    check_prompt_lengths(tokenizer, cfg, class_prompt, class_prompts, instance_set, identifier, warn=main)
     if identifier and main:
         report = analyze_identifier(tokenizer, identifier)
-        (log.info if report.is_single_token else log.warning)(format_identifier_report(report))
+        (log.info if report.is_good else log.warning)(format_identifier_report(report))
 
     classes = None
     if cfg.with_prior_preservation:
@@ -310,7 +360,7 @@ def _train(cfg: TrainConfig) -> Path:
 
     start_step = 0
     if not resuming and main:
-        run.clear_artefacts()  # nothing of value: no finished model, no checkpoint, or --overwrite
+        run.set_aside_previous()  # put back if this run fails; dropped once its model is installed
     if checkpoint is not None:
         state = load_training_state(checkpoint)
         # Implementation flags (fused, foreach) belong to this run, not the saved one: a checkpoint from
@@ -458,16 +508,17 @@ def _train(cfg: TrainConfig) -> Path:
                 if checkpoint_due:
                     if main:
                         unwrapped = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
-                        save_checkpoint(
-                            run.root, global_step,
-                            lambda folder: trainables.save_weights(folder, unwrapped),
-                            {
-                                "optimizer": optimizer.state_dict(),
-                                "lr_scheduler": lr_scheduler.state_dict(),
-                                "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
-                            },
-                            cfg.checkpoints_total_limit,
-                        )
+                        state = {
+                            "optimizer": optimizer.state_dict(),
+                            "lr_scheduler": lr_scheduler.state_dict(),
+                            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+                        }
+                        target = run.root / "checkpoints" / checkpoint_name(global_step)
+                        with disk_full_is_user_error(target, state_bytes([params, state]), run.what_is_kept):
+                            save_checkpoint(
+                                run.root, global_step, lambda folder: trainables.save_weights(folder, unwrapped),
+                                state, cfg.checkpoints_total_limit,
+                            )
                     accelerator.wait_for_everyone()
 
     except BaseException:
@@ -486,8 +537,16 @@ def _train(cfg: TrainConfig) -> Path:
         if weight_dtype != torch.float32 and cfg.method == "full":
             # Frozen parts were cast to half precision for training; save them from an fp32 load.
             base = load_run_base(cfg.model_dump(), torch.float32)
-        trainables.save_final(tmp, base, {k: accelerator.unwrap_model(m) for k, m in trained.items()})
+        final = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
+        saved = params if cfg.method == "lora" else [base.vae, final["unet"], final.get("text_encoder", base.text_encoder)]
+        try:
+            with disk_full_is_user_error(tmp, state_bytes(saved), run.what_is_kept):
+                trainables.save_final(tmp, base, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
+            raise
         run.install_model(tmp)
+        run.discard_previous()
         log.info("saved final model to %s", run.model)
     accelerator.end_training()
     return run.model

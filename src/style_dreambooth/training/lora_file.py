@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import give_usual_mode
+
+LORA_FILE = "lora.safetensors"
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
@@ -70,6 +73,7 @@ def write_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    give_usual_mode(tmp)  # safetensors creates its file 0600
     os.replace(tmp, path)
     return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,22 @@ from ..errors import UserError
 from ..files import make_output_dir, replace_folder, tidy_folder, write_text_atomically
 from .checkpoints import list_checkpoints
 
-# Artefacts a run writes; --overwrite removes exactly these and nothing else.
+log = logging.getLogger(__name__)
+
+# Artefacts a run writes; --overwrite replaces exactly these and nothing else.
 _RUN_ARTEFACTS = (
     "model", "checkpoints", "samples", "logs", "metrics.jsonl", "config.yaml", "eval", "report.html", "report_files",
 )
+
+_PREVIOUS = ".previous-run"
+_KEPT_MODEL = "kept-model.json"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,7 @@ class RunFolder:
 
     def prepare(self, overwrite: bool, resuming: bool) -> None:
         """Refuse to clobber a run and check the folder is writable. Deletes nothing of value (only
-        half-written staging folders): a fresh run calls `clear_artefacts` once its inputs are checked."""
+        half-written staging folders): a fresh run calls `set_aside_previous` once its inputs are checked."""
         root = self.root
         if root.is_dir():
             self.tidy()
@@ -72,22 +85,80 @@ class RunFolder:
         make_output_dir(root, "--output-dir")
 
     def tidy(self) -> None:
-        """Undo what a crash mid-save left: a model renamed aside, half-written staging folders."""
+        """Undo what a crash left: a model renamed aside, half-written staging folders, and the previous
+        run set aside by a re-run that never installed its model."""
         tidy_folder(self.model)
         folder = self.root / "checkpoints"
         if folder.is_dir():
             for leftover in list(folder.glob(".step-*")):
                 tidy_folder(leftover.with_name(leftover.name[1:].rsplit(".", 1)[0]))
+        self.restore_previous()
 
-    def clear_artefacts(self) -> None:
-        """Remove a previous run's artefacts (and nothing else) before a fresh run writes its own."""
-        root = self.root
+    @property
+    def previous(self) -> Path:
+        """Where a re-run keeps the previous run's artefacts until its own model is installed."""
+        return self.root / _PREVIOUS
+
+    def set_aside_previous(self) -> None:
+        """Before a fresh run writes its artefacts: move the previous run's (all but model/) into
+        `previous`, recording which model/ was there. model/ stays in place and loadable until
+        `install_model` replaces it; `restore_previous` puts everything back if the new run fails."""
+        self.restore_previous()  # a set-aside left by a killed run goes back first
+        kept = self.model.stat().st_ino if self.model.is_dir() else None
+        moved = [name for name in _RUN_ARTEFACTS if name != "model" and (self.root / name).exists()]
+        if not moved and kept is None:
+            return
+        staging = self.root / f"{_PREVIOUS}.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        (staging / _KEPT_MODEL).write_text(json.dumps({"model_inode": kept}), encoding="utf-8")
+        staging.rename(self.previous)
+        for name in moved:
+            (self.root / name).rename(self.previous / name)
+        log.info("the previous run's artefacts are kept in %s until the new model is installed", self.previous)
+
+    def _new_model_installed(self) -> bool:
+        try:
+            kept = json.loads((self.previous / _KEPT_MODEL).read_text(encoding="utf-8"))["model_inode"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return self.is_finished() and self.model.stat().st_ino != kept
+
+    def restore_previous(self) -> None:
+        """Undo `set_aside_previous` unless the new model got installed (then drop the previous run)."""
+        if (self.root / f"{_PREVIOUS}.tmp").is_dir():
+            shutil.rmtree(self.root / f"{_PREVIOUS}.tmp")
+        if not self.previous.is_dir():
+            return
+        if self._new_model_installed():
+            self.discard_previous()
+            return
         for name in _RUN_ARTEFACTS:
-            path = root / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            if name != "model":
+                _remove(self.root / name)  # the failed run's own
+        for saved in self.previous.iterdir():
+            if saved.name != _KEPT_MODEL:
+                _remove(self.root / saved.name)
+                saved.rename(self.root / saved.name)
+        shutil.rmtree(self.previous)
+        log.info("restored the previous run in %s", self.root)
+
+    def what_is_kept(self) -> str:
+        """After a failure: what of value is still on disk and what to do, for a one-line error."""
+        if self.previous.is_dir():
+            return f"the previous run in '{self.root}' is kept as it was"
+        found = list_checkpoints(self.root)
+        if found:
+            return (
+                f"the last good checkpoint '{found[-1][1]}' is kept; free some space, then continue with "
+                "--resume-from-checkpoint latest"
+            )
+        return "no checkpoint had been saved yet; free some space and run again"
+
+    def discard_previous(self) -> None:
+        if self.previous.is_dir():
+            shutil.rmtree(self.previous)
 
     def install_model(self, staged: Path) -> None:
         """Move a fully written model folder into place. The old model is renamed aside first and

@@ -16,9 +16,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import UserError
 from ..models.backbone import assemble_pipeline
-from .lora_file import load_lora_state_dict, lora_state_dict, read_lora_file, write_lora_file
-
-LORA_FILE = "lora.safetensors"
+from .lora_file import LORA_FILE, load_lora_state_dict, lora_state_dict, read_lora_file, write_lora_file
 
 
 class Trainables(Protocol):
