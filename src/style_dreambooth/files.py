@@ -7,7 +7,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -64,9 +64,9 @@ def free_bytes(path: Path) -> int:
 
 
 @contextmanager
-def disk_full_is_user_error(target: Path, needed: int | None, kept: str) -> Iterator[None]:
+def disk_full_is_user_error(target: Path, needed: int | None, kept: Callable[[], str]) -> Iterator[None]:
     """Turn a full disk while writing `target` into one line: the file, the space needed (`needed` bytes,
-    when known) and free, and `kept` (what is still safe on disk and what to do)."""
+    when known) and free, and `kept()` (what is still safe on disk and what to do, asked after the failure)."""
     try:
         yield
     except Exception as exc:
@@ -75,7 +75,7 @@ def disk_full_is_user_error(target: Path, needed: int | None, kept: str) -> Iter
         name = getattr(exc, "filename", None) or target
         need = f"needs about {format_bytes(needed)}, " if needed else ""
         raise UserError(
-            f"disk full while writing '{name}' ({need}{format_bytes(free_bytes(target))} free); {kept}"
+            f"disk full while writing '{name}' ({need}{format_bytes(free_bytes(target))} free); {kept()}"
         ) from None
 
 
