@@ -278,6 +278,26 @@ def token(word: str, base_model: str | None) -> None:
     click.echo(format_identifier_report(analyze_identifier(tokenizer, word)))
 
 
+@app.command()
+@click.option("--workspace", type=click.Path(path_type=Path), default=Path("style-dreambooth-workspace"),
+              show_default=True, help="Folder that holds every file the UI reads or writes.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on; anything but 127.0.0.1 lets other machines in.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default: 7860 or the next free one).")
+@click.option("--share", is_flag=True, help="Also open a public Gradio share link (anyone with it can use the app).")
+@click.option("--max-upload-mb", type=click.FloatRange(0.1, 1024), default=20.0, show_default=True,
+              help="Largest image file accepted by upload.")
+def ui(workspace: Path, host: str, port: int | None, share: bool, max_upload_mb: float) -> None:
+    """Web app (Gradio): dataset, training, evaluation, sweeps and generation. Needs pip install -e ".[ui]"."""
+    try:
+        from .ui.app import launch
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("gradio", "pandas", "fastapi"):
+            raise
+        raise UserError(f"the UI needs the 'ui' extra ({exc.name} is missing); run: pip install -e \".[ui]\"") from None
+    launch(workspace, host=host, port=port, share=share, max_upload_mb=max_upload_mb)
+
+
 def dash_option_names(argv: list[str]) -> list[str]:
     """Accept diffusers-style `--snake_case` flags by rewriting the flag name (never its value)."""
     out = []
