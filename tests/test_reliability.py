@@ -441,3 +441,15 @@ def test_unreadable_photo_formats_are_skipped_with_a_warning(tmp_path, caplog):
         assert [p.name for p in list_images(instance)] == ["img0.png"]
     skipped = [r for r in caplog.records if "phone.heic" in r.getMessage()]
     assert skipped and skipped[0].levelno == logging.WARNING and "HEIC" in skipped[0].getMessage()
+
+
+def test_avif_trains_where_pillow_reads_it(tmp_path):
+    from PIL import Image, features
+
+    from style_dreambooth.data.images import list_images
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    instance = write_style_images(tmp_path / "inst", n=1)
+    Image.open(instance / "img0.png").save(instance / "img1.avif")
+    assert [p.name for p in list_images(instance)] == ["img0.png", "img1.avif"]

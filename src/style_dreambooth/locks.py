@@ -67,6 +67,9 @@ def hold_folder(folder: Path, what: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+        # Leave the folder as the run made it. Nobody waits on this lock (others are refused at once), and
+        # filelock re-checks after locking that the path still names the inode it locked.
+        (folder / LOCK_FILE).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -83,7 +86,3 @@ def wait_for_folder(folder: Path, what: str) -> Iterator[None]:
     finally:
         lock.release()
 
-
-def remove_lock_file(folder: Path) -> None:
-    """Delete the (released) lock file, e.g. before removing a folder this process created."""
-    (folder / LOCK_FILE).unlink(missing_ok=True)

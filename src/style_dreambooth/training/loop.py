@@ -29,7 +29,7 @@ from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.latent_cache import LatentEncoder
 from ..errors import UserError
 from ..files import disk_full_is_user_error, make_output_dir
-from ..locks import hold_folder, remove_lock_file
+from ..locks import hold_folder
 from ..models.backbone import PromptEncoder, assemble_pipeline, prediction_type
 from ..models.loading import load_run_base, model_identity
 from ..models.tokenizer import (
@@ -242,7 +242,6 @@ def train(cfg: TrainConfig) -> Path:
                 raise
     except BaseException:
         if main and created and run.root.is_dir():
-            remove_lock_file(run.root)
             if not any(run.root.iterdir()):
                 run.root.rmdir()
         raise
