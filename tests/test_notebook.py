@@ -38,7 +38,7 @@ def _ci_parameters(tmp_path: Path, tiny_model: Path) -> dict:
         "VALIDATION_PROMPT": "a boy in yltcaxe artstyle",
         "METHOD": "full", "RESOLUTION": 64, "MAX_TRAIN_STEPS": 8, "LEARNING_RATE": 1e-3, "NUM_CLASS_IMAGES": 2,
         "CLASS_INFERENCE_STEPS": 2, "TRAIN_TEXT_ENCODER": True, "MIXED_PRECISION": "no", "USE_8BIT_ADAM": False,
-        "GRADIENT_CHECKPOINTING": True, "CHECKPOINTING_STEPS": 2, "VALIDATION_STEPS": 2,
+        "GRADIENT_CHECKPOINTING": True, "CHECKPOINTING_STEPS": 4, "VALIDATION_STEPS": 4,
         "VALIDATION_INFERENCE_STEPS": 2,
         "PROMPT": "a lighthouse in yltcaxe artstyle", "NUM_IMAGES": 2, "SAMPLER_STEPS": 2, "EVAL_SEEDS": "0",
         "EVAL_PROMPTS": str(tmp_path / "subjects.txt"), "EVAL_CLIP": "none", "EVAL_DINO": "none",
@@ -50,11 +50,11 @@ def _assigned_names(source: str) -> set[str]:
 
 
 def _interrupt_after_first_checkpoint(config_file: Path, run: Path, env: dict) -> None:
-    """Start the notebook's own training and Ctrl-C it once step 2's checkpoint is saved."""
+    """Start the notebook's own training and Ctrl-C it once step 4's checkpoint is saved."""
     proc = subprocess.Popen([sys.executable, "-m", "style_dreambooth", "train", "--config", str(config_file)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
-    while not (run / "checkpoints" / "step-000002" / "training_state.pt").is_file():
+    while not (run / "checkpoints" / "step-000004" / "training_state.pt").is_file():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
@@ -85,7 +85,7 @@ def test_colab_notebook_runs_end_to_end_and_resumes(tmp_path, tiny_model, cache_
 
     outputs = {i: "".join(o.get("text", "") for o in c.get("outputs", []) if o.output_type == "stream")
                for i, c in enumerate(nb.cells) if c.cell_type == "code"}
-    assert "resuming from step-000002" in outputs[train_cell]
+    assert "resuming from step-000004" in outputs[train_cell]
     assert (run / "model" / "model_index.json").is_file()
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # resumed: no step lost or repeated

@@ -220,3 +220,45 @@ def test_a_job_whose_worker_died_shows_as_interrupted(ws):
     assert jobs.active_jobs(ws.root) == []
     (folder / "ui-train.json").write_text("{torn")
     assert jobs.read_job(folder, "train") is None
+
+
+def test_sweep_form_builds_a_sweep_command_the_cli_parses(ws):
+    from style_dreambooth.sweep import parse_grid
+    from style_dreambooth.ui.context import UIContext
+    from style_dreambooth.ui.page_evaluate import sweep_argv
+
+    ctx = UIContext(ws, 1.0)
+    (ws.root / "runs" / "r1").mkdir()
+    with pytest.raises(UserError, match="no config.yaml"):
+        sweep_argv(ctx, "runs/r1", "s1", [("max_train_steps", "4,8")], [])
+    (ws.root / "runs" / "r1" / "config.yaml").write_text("max_train_steps: 4\n")
+    argv, out = sweep_argv(ctx, "runs/r1", "s1", [("max_train_steps", " 4,8 "), (None, "1"), ("seed", "")],
+                           ["--seeds", "0"])
+    assert out == ws.root / "sweeps" / "s1"
+    assert argv == ["sweep", "--config", str(ws.root / "runs" / "r1" / "config.yaml"), "--out", str(out),
+                    "--seeds", "0", "--grid", "max_train_steps=4,8"]
+    assert parse_grid([argv[-1]]) == {"max_train_steps": [4, 8]}
+    with pytest.raises(UserError, match="at least one key"):
+        sweep_argv(ctx, "runs/r1", "s1", [("seed", " ")], [])
+    with pytest.raises(UserError, match="outside the workspace"):
+        sweep_argv(ctx, "../r1", "s1", [("seed", "1")], [])
+    with pytest.raises(UserError, match="sweep name"):
+        sweep_argv(ctx, "runs/r1", "../s1", [("seed", "1")], [])
+
+
+def test_a_command_that_outlives_its_worker_still_counts_and_stops(ws, fake_cli):
+    import os
+    import signal
+
+    folder = ws.root / "runs" / "orphan"
+    jobs.submit(ws.root, "train", folder, _sleeper(60))
+    _wait(lambda: jobs.read_job(folder, "train").child_pid is not None)
+    job = jobs.read_job(folder, "train")
+    os.kill(job.worker_pid, signal.SIGKILL)  # the worker dies; `train` runs on
+    time.sleep(0.5)
+    assert jobs.read_job(folder, "train").is_alive()  # so no second training can start in the folder
+    with pytest.raises(UserError, match="already running"):
+        jobs.submit(ws.root, "train", folder, _sleeper(1))
+    jobs.stop(folder, "train")
+    _wait(lambda: not jobs.read_job(folder, "train").is_alive())
+    assert "interrupted" in jobs.log_tail(jobs.read_job(folder, "train"))

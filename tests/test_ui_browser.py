@@ -145,13 +145,18 @@ def test_ui_flow_in_a_real_browser(app, page, tmp_path):
     assert "smaller than the minimum of 64 pixels" in status
     assert sorted(p.name for p in (ws / "datasets" / "blobs").iterdir()) == [f"img{i}.png" for i in range(4)]
     pg.wait_for_function("document.querySelectorAll('#ds-gallery img').length >= 4")
+    # A duplicate that reached the folder another way is named on its thumbnail and in the table.
+    shutil.copyfile(ws / "datasets" / "blobs" / "img0.png", ws / "datasets" / "blobs" / "img4-copy.png")
+    pg.locator("#ds-show").click()
+    _wait_text(pg, "ds-status", r"5 images in datasets/blobs, 1 with problems")
+    assert "duplicate of img0.png" in _text(pg, "ds-captions")
     # Captions edited inline are written beside the images.
     cell = pg.locator("#ds-captions [role=gridcell]").nth(3)  # first row, caption column
     cell.dblclick()
     pg.keyboard.type("a blob")
     pg.keyboard.press("Enter")
     pg.locator("#ds-save").click()
-    _wait_text(pg, "ds-status", r"saved 4 captions")
+    _wait_text(pg, "ds-status", r"saved 5 captions")
     assert (ws / "datasets" / "blobs" / "img0.txt").read_text().strip() == "a blob"
     # The identifier check runs as the prompt is typed.
     pg.locator("#ds-instance-prompt textarea, #ds-instance-prompt input").first.press_sequentially("yltcaxe artstyle")
@@ -255,3 +260,4 @@ def test_ui_flow_in_a_real_browser(app, page, tmp_path):
     report = pg.request.get(url + "workspace-file/runs/tiny-run/report.html")
     assert pg.request.get(url + "workspace-file/runs/tiny-run/ui-train-request.yaml").status == 404
     assert report.status == 200 and "text/html" in report.headers["content-type"]
+    assert any((ws / ".gradio").rglob("*.png"))  # Gradio's upload and image cache is in the workspace too

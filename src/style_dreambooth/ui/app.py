@@ -83,6 +83,8 @@ def launch(workspace: Path, host: str = DEFAULT_HOST, port: int | None = None, s
     ws = Workspace.create(workspace)
     # Training and evaluation processes keep their class-image and evaluation caches in the workspace too.
     os.environ["STYLE_DREAMBOOTH_CACHE"] = str(ws.root / ".cache")
+    # Gradio's copies of uploads and served images too (read when gradio is first imported, just below).
+    os.environ["GRADIO_TEMP_DIR"] = str(ws.root / ".gradio")
     ctx = UIContext(ws, max_upload_mb)
     demo = build_app(ctx)
     if host != DEFAULT_HOST:

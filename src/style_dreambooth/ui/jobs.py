@@ -27,6 +27,7 @@ KINDS = ("train", "evaluate", "sweep")
 ACTIVE = ("queued", "running")
 LOCK_NAME = ".ui-device.lock"
 WORKER_MODULE = "style_dreambooth.ui.worker"
+COMMAND_MODULE = "style_dreambooth"
 _START_GRACE_S = 60.0  # a job whose worker has not yet written its pid counts as alive this long
 
 
@@ -56,12 +57,15 @@ class Job:
         write_text_atomically(self.path, json.dumps(asdict(self), indent=1))
 
     def is_alive(self) -> bool:
-        """Whether the job's worker still runs (a queued job just started counts as alive)."""
+        """Whether the job's worker, or the command it started, still runs (a job just queued counts too)."""
         if self.state not in ACTIVE:
             return False
         if self.worker_pid is None:
             return time.time() - self.queued_at < _START_GRACE_S
-        return _is_worker(self.worker_pid)
+        return _runs(self.worker_pid, WORKER_MODULE) or self._command_runs()
+
+    def _command_runs(self) -> bool:
+        return self.child_pid is not None and _runs(self.child_pid, COMMAND_MODULE)
 
     @property
     def shown_state(self) -> str:
@@ -85,8 +89,8 @@ def read_job(folder: Path, kind: str) -> Job | None:
         return None  # torn or foreign file: no job the UI can follow
 
 
-def _is_worker(pid: int) -> bool:
-    """A live (not zombie) process running our worker module: a reused pid does not count."""
+def _runs(pid: int, module: str) -> bool:
+    """A live (not zombie) process running `module`: a reused pid does not count."""
     proc = Path(f"/proc/{pid}")
     if proc.is_dir():
         try:
@@ -95,7 +99,7 @@ def _is_worker(pid: int) -> bool:
         except OSError:
             return False
         zombie = any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
-        return not zombie and WORKER_MODULE in cmdline
+        return not zombie and module in cmdline
     try:  # no /proc (macOS): existence only
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
@@ -153,7 +157,10 @@ def stop(folder: Path, kind: str) -> str:
         return f"no {kind} job is running for '{folder.name}'"
     if job.worker_pid is None:
         raise UserError(f"the {kind} job for '{folder.name}' is starting; try Stop again in a moment")
-    os.kill(job.worker_pid, signal.SIGTERM)
+    if _runs(job.worker_pid, WORKER_MODULE):
+        os.kill(job.worker_pid, signal.SIGTERM)
+    else:  # the worker was killed but its command runs on: Ctrl-C it directly
+        os.kill(job.child_pid, signal.SIGINT)
     return f"stopping the {kind} job for '{folder.name}'"
 
 

@@ -53,6 +53,22 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def sweep_argv(ctx: UIContext, base_run: str, name: str, grid: list[tuple[str | None, str]],
+               eval_flags: list[str]) -> tuple[list[str], Path]:
+    """The `style-dreambooth sweep` command for the grid form: a run's config.yaml crossed with the grid."""
+    base = ctx.ws.resolve(base_run or "", "base run") / "config.yaml"
+    if not base.is_file():
+        raise UserError(f"'{base_run}' has no config.yaml to sweep from; train it first")
+    out = ctx.ws.new_folder(SWEEPS, name, "sweep")
+    pairs = [(k, v.strip()) for k, v in grid if k and v and v.strip()]
+    if not pairs:
+        raise UserError("give at least one key and its values, e.g. max_train_steps and 400,800")
+    argv = ["sweep", "--config", str(base), "--out", str(out), *eval_flags]
+    for key, values in pairs:
+        argv += ["--grid", f"{key}={values}"]
+    return argv, out
+
+
 def _job_view(ctx: UIContext, folder: Path | None, kind: str) -> tuple[str, str]:
     job = jobs.read_job(folder, kind) if folder else None
     if not job:
@@ -117,18 +133,10 @@ def build(ctx: UIContext) -> dict[str, gr.components.Component]:
     def on_sweep(base_text, name, *rest):
         grid_values, flags = rest[: 2 * GRID_ROWS], rest[2 * GRID_ROWS:]
         try:
-            base = ctx.ws.resolve(base_text or "", "base run") / "config.yaml"
-            if not base.is_file():
-                raise UserError(f"'{base_text}' has no config.yaml to sweep from; train it first")
-            out = ctx.ws.new_folder(SWEEPS, name, "sweep")
-            pairs = [(k, v.strip()) for k, v in zip(grid_values[::2], grid_values[1::2]) if k and v and v.strip()]
-            if not pairs:
-                raise UserError("give at least one key and its values, e.g. max_train_steps and 400,800")
-            argv = ["sweep", "--config", str(base), "--out", str(out), *eval_flags(*flags)]
-            for key, values in pairs:
-                argv += ["--grid", f"{key}={values}"]
+            argv, out = sweep_argv(ctx, base_text, name, list(zip(grid_values[::2], grid_values[1::2])),
+                                   eval_flags(*flags))
             jobs.submit(ctx.ws.root, "sweep", out, argv)
-            return f"sweep `{ctx.ws.relative(out)}` queued: " + ", ".join(f"{k}={v}" for k, v in pairs)
+            return f"sweep `{ctx.ws.relative(out)}` queued: " + " ".join(argv[argv.index("--grid"):])
         except UserError as exc:
             return problem(exc)
 

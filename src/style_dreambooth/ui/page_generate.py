@@ -90,7 +90,8 @@ def build(ctx: UIContext) -> dict[str, gr.components.Component]:
         scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm++", label="Scheduler", elem_id="gen-scheduler")
     go = gr.Button("Generate", variant="primary", elem_id="gen-start")
     status = gr.Markdown(elem_id="gen-status")
-    gallery = gr.Gallery(label="Images (caption: parameters)", columns=4, elem_id="gen-gallery", height="auto")
+    gallery = gr.Gallery(label="Images (caption: parameters)", columns=4, elem_id="gen-gallery", height=360,
+                         object_fit="contain")
     params = gr.Textbox(label="Parameters of each image", lines=4, elem_id="gen-params")
 
     def on_model(model_text):
