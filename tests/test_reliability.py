@@ -119,6 +119,26 @@ def test_overwrite_killed_during_the_final_save_keeps_the_finished_run(finished_
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] != 5
 
 
+def test_a_stopped_fresh_run_keeps_its_checkpoints_and_drops_worthless_leftovers(tmp_path, run_train, monkeypatch):
+    """Only a run of value is set aside: leftovers of a run stopped before its first checkpoint are removed,
+    and a fresh run stopped later keeps its own checkpoints (nothing older is put back over them)."""
+    from style_dreambooth.training.trainables import FullTrainables
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+
+    def stopped(self, folder, base, modules):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FullTrainables, "save_final", stopped)
+    code, _, err = run_train("--checkpointing-steps", "2", out=out)
+    assert code == 130, err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert '"loss": 9.0' not in (out / "metrics.jsonl").read_text()
+    assert not (out / ".previous-run").exists()
+
+
 def test_an_installed_model_is_kept_when_killed_before_the_old_run_was_dropped(finished_run):
     """Killed between installing the new model and removing the set-aside: the new run is complete and wins."""
     from style_dreambooth.files import replace_folder

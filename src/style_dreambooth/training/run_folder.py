@@ -23,7 +23,7 @@ _RUN_ARTEFACTS = (
 )
 
 _PREVIOUS = ".previous-run"
-_KEPT_MODEL = "kept-model.json"
+_RECORD = "set-aside.json"
 
 
 def _remove(path: Path) -> None:
@@ -100,30 +100,26 @@ class RunFolder:
         return self.root / _PREVIOUS
 
     def set_aside_previous(self) -> None:
-        """Before a fresh run writes its artefacts: move the previous run's (all but model/) into
-        `previous`, recording which model/ was there. model/ stays in place and loadable until
-        `install_model` replaces it; `restore_previous` puts everything back if the new run fails."""
+        """Before a fresh run writes its artefacts: a previous run of value (a finished model or
+        checkpoints) has its artefacts but model/ moved into `previous`; model/ stays in place and
+        loadable until `install_model` replaces it, and `restore_previous` puts everything back if the
+        new run fails. Leftovers of no value (a run stopped before its first checkpoint) are removed."""
         self.restore_previous()  # a set-aside left by a killed run goes back first
-        kept = self.model.stat().st_ino if self.model.is_dir() else None
-        moved = [name for name in _RUN_ARTEFACTS if name != "model" and (self.root / name).exists()]
-        if not moved and kept is None:
+        present = [name for name in _RUN_ARTEFACTS if name != "model" and (self.root / name).exists()]
+        if not self.is_finished() and not list_checkpoints(self.root):
+            for name in present:
+                _remove(self.root / name)
             return
         staging = self.root / f"{_PREVIOUS}.tmp"
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
-        (staging / _KEPT_MODEL).write_text(json.dumps({"model_inode": kept}), encoding="utf-8")
+        record = {"model_inode": self.model.stat().st_ino if self.model.is_dir() else None, "moved": present}
+        (staging / _RECORD).write_text(json.dumps(record), encoding="utf-8")
         staging.rename(self.previous)
-        for name in moved:
+        for name in present:
             (self.root / name).rename(self.previous / name)
         log.info("the previous run's artefacts are kept in %s until the new model is installed", self.previous)
-
-    def _new_model_installed(self) -> bool:
-        try:
-            kept = json.loads((self.previous / _KEPT_MODEL).read_text(encoding="utf-8"))["model_inode"]
-        except (OSError, ValueError, KeyError):
-            return False
-        return self.is_finished() and self.model.stat().st_ino != kept
 
     def restore_previous(self) -> None:
         """Undo `set_aside_previous` unless the new model got installed (then drop the previous run)."""
@@ -131,16 +127,20 @@ class RunFolder:
             shutil.rmtree(self.root / f"{_PREVIOUS}.tmp")
         if not self.previous.is_dir():
             return
-        if self._new_model_installed():
-            self.discard_previous()
+        try:
+            record = json.loads((self.previous / _RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {"model_inode": None, "moved": []}
+        if self.is_finished() and self.model.stat().st_ino != record["model_inode"]:
+            self.discard_previous()  # the new run's model is in place: it is complete
             return
         for name in _RUN_ARTEFACTS:
-            if name != "model":
+            saved = self.previous / name
+            if saved.exists():
+                _remove(self.root / name)
+                saved.rename(self.root / name)
+            elif name != "model" and name not in record["moved"]:
                 _remove(self.root / name)  # the failed run's own
-        for saved in self.previous.iterdir():
-            if saved.name != _KEPT_MODEL:
-                _remove(self.root / saved.name)
-                saved.rename(self.root / saved.name)
         shutil.rmtree(self.previous)
         log.info("restored the previous run in %s", self.root)
 
