@@ -47,7 +47,10 @@ def _assert_rgb(img: Image.Image, size: tuple[int, int] = SIZE) -> np.ndarray:
 
 
 def test_image_extensions() -> None:
-    assert IMAGE_EXTENSIONS == frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+    from PIL import features
+
+    plain = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+    assert IMAGE_EXTENSIONS == frozenset(plain | ({".avif"} if features.check("avif") else set()))
     assert all(ext == ext.lower() and ext.startswith(".") for ext in IMAGE_EXTENSIONS)
 
 
