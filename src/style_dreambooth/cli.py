@@ -112,7 +112,7 @@ def train(config_file: Path | None, **flags: Any) -> None:
 
 @app.command()
 @click.option("--model", required=True, help="Run folder, diffusers folder, .safetensors file or hub id.")
-@click.option("--prompt", required=True, help="What to paint.")
+@click.option("--prompt", default=None, help="What to paint (with --layout: the layout's global prompt by default).")
 @click.option("--negative-prompt", default="", help="What to avoid.")
 @click.option("-n", "--num-images", "n", default=4, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--steps", default=25, show_default=True, type=click.IntRange(1, 1000))
@@ -131,6 +131,14 @@ def train(config_file: Path | None, **flags: Any) -> None:
 @click.option("--lora", multiple=True, help="LoRA file to apply, FILE[:SCALE]; repeat to stack several.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the PNGs and grid.png.")
 @click.option("--overwrite", is_flag=True, help="Replace PNGs of the same seeds from an earlier run in --out.")
+@click.option("--layout", type=click.Path(path_type=Path), default=None,
+              help="YAML/JSON layout: regions (box or mask) each with its own prompt, optional control images.")
+@click.option("--control", multiple=True, type=click.Path(path_type=Path),
+              help="Condition image (a sketch, a drawing) for the ControlNet of the same position; repeat to stack.")
+@click.option("--controlnet", multiple=True,
+              help="ControlNet for the --control of the same position: hub id, folder or .safetensors file.")
+@click.option("--control-scale", multiple=True, type=click.FloatRange(0, 10),
+              help="ControlNet conditioning scale: one for all, or one per --control [default: 1.0].")
 def generate(**kw: Any) -> None:
     """Paint images with a trained model; each PNG carries its parameters (A1111 style)."""
     from .sampling.generate import GenerateRequest, generate as run_generate
@@ -138,6 +146,37 @@ def generate(**kw: Any) -> None:
     _quiet_libraries()
     paths = run_generate(GenerateRequest(**kw))
     click.echo(f"wrote {len(paths)} images and grid.png to {kw['out']}")
+
+
+@app.command("layout-sketch")
+@click.argument("layout", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The PNG to write.")
+@click.option("--width", type=click.IntRange(8, 4096), default=None, help="Default: the layout's, else 512.")
+@click.option("--height", type=click.IntRange(8, 4096), default=None, help="Default: the layout's, else 512.")
+@click.option("--style", type=click.Choice(["outline", "filled"]), default="outline", show_default=True,
+              help="Box outlines (scribble, lineart, the proof world's ControlNet) or flat-colour regions (seg).")
+@click.option("--white-on-black", is_flag=True, help="White lines on black, as scribble/lineart/canny ControlNets expect.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def layout_sketch(layout: Path, out: Path, width: int | None, height: int | None, style: str, white_on_black: bool,
+                  overwrite: bool) -> None:
+    """Draw a condition image for --control from a layout file's regions."""
+    from .sampling.composition import load_layout
+    from .sampling.images import save_png
+    from .sampling.sketch import draw_sketch
+
+    spec = load_layout(layout)
+    if not spec.regions:
+        raise UserError(f"layout file '{layout}' has no regions to draw")
+    if out.exists() and (out.is_dir() or not overwrite):
+        raise UserError(f"--out '{out}' already exists; pass --overwrite or another path" if not out.is_dir()
+                        else f"--out '{out}' is a folder; pass a .png file path")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out '{out}' must end in .png")
+    w, h = width or spec.width or 512, height or spec.height or 512
+    image = draw_sketch(spec, w, h, style, white_on_black)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(image, out)
+    click.echo(f"wrote {w}x{h} {style} sketch of {len(spec.regions)} regions to {out}")
 
 
 @app.command("random-model")

@@ -18,6 +18,7 @@ from ..models.loading import load_pipeline, load_run_base
 from ..progress import progress_bar
 from ..training.checkpoints import resolve_checkpoint
 from ..training.trainables import LORA_FILE
+from .composition import Conditioning, plan_composition
 from .images import SCHEDULERS, GenerationParams, make_grid, make_scheduler, save_png
 
 log = logging.getLogger(__name__)
@@ -123,24 +124,29 @@ def sample(
     width: int | None = None,
     height: int | None = None,
     batch_size: int = 4,
+    conditioning: Conditioning | None = None,
 ) -> list[Image.Image]:
-    """One image per seed; each image depends only on its own seed, not on batching."""
+    """One image per seed; each image depends only on its own seed, not on batching.
+
+    ``conditioning`` adds regional prompts and ControlNet images (see composition.py).
+    """
     device = pipe.device
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    conditioning = conditioning or Conditioning()
     images: list[Image.Image] = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
         gens = [torch.Generator(device=device).manual_seed(s) for s in chunk]
-        out = pipe(
-            prompt=[prompt] * len(chunk),
-            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=width,
-            height=height,
-            generator=gens,
-        )
+        with conditioning.active(pipe):
+            out = pipe(
+                **conditioning.pipe_kwargs(pipe, prompt, negative_prompt, len(chunk), guidance),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                generator=gens,
+            )
         images.extend(out.images)
     return images
 
@@ -148,7 +154,7 @@ def sample(
 @dataclass
 class GenerateRequest:
     model: str
-    prompt: str
+    prompt: str | None
     out: Path
     negative_prompt: str = ""
     n: int = 4
@@ -163,10 +169,13 @@ class GenerateRequest:
     lora: tuple[str, ...] = ()
     base_config: str | None = None
     overwrite: bool = False
+    layout: Path | None = None
+    control: tuple[Path, ...] = ()
+    controlnet: tuple[str, ...] = ()
+    control_scale: tuple[float, ...] = ()
 
 
-def generate(req: GenerateRequest) -> list[Path]:
-    """Write `req.n` PNGs (each with its parameters) and a grid into `req.out`."""
+def _check_request(req: GenerateRequest) -> None:
     if not math.isfinite(req.guidance):
         raise UserError(f"--guidance must be a finite number, not {req.guidance}")
     if req.scheduler not in SCHEDULERS:
@@ -174,6 +183,15 @@ def generate(req: GenerateRequest) -> list[Path]:
     for name, value in (("--width", req.width), ("--height", req.height)):
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"{name} {value} must be a positive multiple of 8")
+
+
+def generate(req: GenerateRequest) -> list[Path]:
+    """Write `req.n` PNGs (each with its parameters) and a grid into `req.out`."""
+    _check_request(req)
+    plan = plan_composition(req.layout, req.prompt, req.negative_prompt, list(req.control), list(req.controlnet),
+                            list(req.control_scale))
+    if req.out.exists() and not req.out.is_dir():
+        raise UserError(f"--out '{req.out}' is a file; pass a folder path")
     seeds = [req.seed + i for i in range(req.n)]
     targets = [req.out / f"{s:06d}.png" for s in seeds]
     taken = [path for path in targets if path.exists()]
@@ -181,13 +199,15 @@ def generate(req: GenerateRequest) -> list[Path]:
         raise UserError(f"--out '{req.out}' already holds '{taken[0].name}' from an earlier run; "
                         "pass --overwrite, another --seed or another --out")
     cuda = torch.cuda.is_available()
-    pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, torch.float16 if cuda else None,
-                                req.base_config)
-    make_output_dir(req.out, "--out")
+    dtype = torch.float16 if cuda else None
+    pipe, label = resolve_model(req.model, req.checkpoint, req.allow_pickle, dtype, req.base_config)
     lora_labels = apply_loras(pipe, list(req.lora))
     if lora_labels:
         label += " + " + " + ".join(lora_labels)
     pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+    width = req.width or plan.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = req.height or plan.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe, conditioning = plan.prepare(pipe, width, height, label, dtype)
     pipe = pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
@@ -195,15 +215,16 @@ def generate(req: GenerateRequest) -> list[Path]:
         for start in range(0, req.n, 4):
             chunk = seeds[start : start + 4]
             images += sample(
-                pipe, req.prompt, chunk, negative_prompt=req.negative_prompt, steps=req.steps,
-                guidance=req.guidance, width=req.width, height=req.height,
+                pipe, plan.prompt, chunk, negative_prompt=plan.negative_prompt, steps=req.steps,
+                guidance=req.guidance, width=width, height=height, conditioning=conditioning,
             )
             if bar:
                 bar.advance(0, len(chunk))
+    make_output_dir(req.out, "--out")
     for s, path, image in zip(seeds, targets, images):
         params = GenerationParams(
-            req.prompt, req.negative_prompt, req.steps, req.scheduler, req.guidance, s,
-            image.width, image.height, label,
+            plan.prompt, plan.negative_prompt, req.steps, req.scheduler, req.guidance, s,
+            image.width, image.height, label, plan.record(),
         )
         save_png(image, path, params)
     save_png(make_grid(images), req.out / "grid.png")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -39,6 +40,7 @@ class GenerationParams:
     width: int
     height: int
     model: str
+    extra: dict[str, str] = field(default_factory=dict)  # more key: value pairs (a layout, ControlNets)
 
     def a1111_text(self) -> str:
         """The AUTOMATIC1111 'parameters' text: prompt, negative prompt, then key: value pairs."""
@@ -49,6 +51,7 @@ class GenerationParams:
         lines.append(
             f"Steps: {self.steps}, Sampler: {sampler}, CFG scale: {self.guidance:g}, Seed: {self.seed}, "
             f"Size: {self.width}x{self.height}, Model: {self.model}"
+            + "".join(f", {key}: {json.dumps(value)}" for key, value in self.extra.items())
         )
         return "\n".join(lines)
 
