@@ -63,7 +63,7 @@ def _interrupt_after_first_checkpoint(config_file: Path, run: Path, env: dict) -
 
 
 def test_colab_notebook_runs_end_to_end_and_resumes(tmp_path, tiny_model, cache_env):
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOK, as_version=4)

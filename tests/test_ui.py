@@ -225,7 +225,7 @@ def test_a_job_whose_worker_died_shows_as_interrupted(ws):
 def test_sweep_form_builds_a_sweep_command_the_cli_parses(ws):
     from style_dreambooth.sweep import parse_grid
     from style_dreambooth.ui.context import UIContext
-    from style_dreambooth.ui.page_evaluate import sweep_argv
+    from style_dreambooth.ui.commands import sweep_argv
 
     ctx = UIContext(ws, 1.0)
     (ws.root / "runs" / "r1").mkdir()
@@ -262,3 +262,27 @@ def test_a_command_that_outlives_its_worker_still_counts_and_stops(ws, fake_cli)
     jobs.stop(folder, "train")
     _wait(lambda: not jobs.read_job(folder, "train").is_alive())
     assert "interrupted" in jobs.log_tail(jobs.read_job(folder, "train"))
+
+
+def test_generate_form_stacks_loras_with_scales_inside_the_workspace(ws):
+    from style_dreambooth.sampling.generate import parse_lora_spec
+    from style_dreambooth.ui.commands import generate_argv
+    from style_dreambooth.ui.context import UIContext
+
+    ctx = UIContext(ws, 1.0)
+    for rel in ("runs/a/model/lora.safetensors", "loras/b.safetensors"):
+        (ws.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws.root / rel).write_bytes(b"")
+    argv, out = generate_argv(ctx, "runs/a", "best", [("runs/a/model/lora.safetensors", 0.8), ("loras/b.safetensors", -0.5)],
+                              "a boy in yltcaxe artstyle", "", 2, 7, 20, 6.0, "ddim")
+    assert out.parent == ws.root / "generated" and out.name.startswith("a-")
+    assert argv[argv.index("--checkpoint") + 1] == "best" and argv[argv.index("--scheduler") + 1] == "ddim"
+    specs = [argv[i + 1] for i, a in enumerate(argv) if a == "--lora"]
+    assert [parse_lora_spec(s) for s in specs] == [(ws.root / "runs/a/model/lora.safetensors", 0.8),
+                                                  (ws.root / "loras/b.safetensors", -0.5)]
+    plain, _ = generate_argv(ctx, "runs/a", "final", [], "p", "", 1, 0, 1, 1.0, "dpm++")
+    assert "--checkpoint" not in plain and "--lora" not in plain
+    with pytest.raises(UserError, match="outside the workspace"):
+        generate_argv(ctx, "runs/a", None, [("../b.safetensors", 1.0)], "p", "", 1, 0, 1, 1.0, "dpm++")
+    with pytest.raises(UserError, match="prompt is empty"):
+        generate_argv(ctx, "runs/a", None, [], "  ", "", 1, 0, 1, 1.0, "dpm++")

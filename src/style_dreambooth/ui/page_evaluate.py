@@ -12,6 +12,7 @@ import pandas as pd
 from ..config import TrainConfig
 from ..errors import UserError
 from . import jobs
+from .commands import sweep_argv
 from .context import UIContext, problem
 from .workspace import RUNS, SWEEPS
 
@@ -51,22 +52,6 @@ def eval_summary(run: Path) -> tuple[str, list[list]]:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def sweep_argv(ctx: UIContext, base_run: str, name: str, grid: list[tuple[str | None, str]],
-               eval_flags: list[str]) -> tuple[list[str], Path]:
-    """The `style-dreambooth sweep` command for the grid form: a run's config.yaml crossed with the grid."""
-    base = ctx.ws.resolve(base_run or "", "base run") / "config.yaml"
-    if not base.is_file():
-        raise UserError(f"'{base_run}' has no config.yaml to sweep from; train it first")
-    out = ctx.ws.new_folder(SWEEPS, name, "sweep")
-    pairs = [(k, v.strip()) for k, v in grid if k and v and v.strip()]
-    if not pairs:
-        raise UserError("give at least one key and its values, e.g. max_train_steps and 400,800")
-    argv = ["sweep", "--config", str(base), "--out", str(out), *eval_flags]
-    for key, values in pairs:
-        argv += ["--grid", f"{key}={values}"]
-    return argv, out
 
 
 def _job_view(ctx: UIContext, folder: Path | None, kind: str) -> tuple[str, str]:

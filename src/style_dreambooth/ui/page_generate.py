@@ -6,9 +6,6 @@ holds the model; the images land in generated/<run>-<time>/ with their parameter
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -17,9 +14,10 @@ from PIL import Image
 from ..config import MAX_SEED
 from ..errors import UserError
 from ..sampling.images import SCHEDULERS
+from .commands import generate_argv, run_generate
 from .context import UIContext, problem
 from .runs import checkpoint_choices
-from .workspace import GENERATED, MODELS, RUNS
+from .workspace import MODELS, RUNS
 
 LORA_ROWS = 3
 
@@ -40,32 +38,6 @@ def image_parameters(path: Path) -> str:
     """The A1111-style `parameters` text chunk `generate` writes into each PNG."""
     with Image.open(path) as img:
         return str(img.info.get("parameters", ""))
-
-
-def generate_argv(ctx: UIContext, model: str, checkpoint: str | None, loras: list[tuple[str, float]], prompt: str,
-                  negative: str, n: int, seed: int, steps: int, guidance: float, scheduler: str) -> tuple[list[str], Path]:
-    """The `style-dreambooth generate` command for the form, every path checked against the workspace."""
-    if not prompt.strip():
-        raise UserError("the prompt is empty; describe what to paint, e.g. 'a boy in yltcaxe artstyle'")
-    model_path = ctx.ws.resolve(model or "", "model")
-    out = ctx.ws.resolve(Path(GENERATED) / f"{model_path.name}-{time.strftime('%Y%m%d-%H%M%S')}", "output folder")
-    argv = ["generate", "--model", str(model_path), "--prompt", prompt, "--negative-prompt", negative or "",
-            "-n", str(int(n)), "--seed", str(int(seed)), "--steps", str(int(steps)), "--guidance", str(float(guidance)),
-            "--scheduler", scheduler, "--out", str(out)]
-    if checkpoint and checkpoint != "final":
-        argv += ["--checkpoint", checkpoint]
-    for lora, scale in loras:
-        argv += ["--lora", f"{ctx.ws.resolve(lora, 'LoRA file')}:{float(scale)}"]
-    return argv, out
-
-
-def run_generate(argv: list[str]) -> None:
-    """Run the command; its one-line error (or the log's last line) becomes a UserError."""
-    proc = subprocess.run([sys.executable, "-m", "style_dreambooth", *argv], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith("error:")]
-        raise UserError((errors or lines or [f"generate exited with code {proc.returncode}"])[-1].removeprefix("error: "))
 
 
 def build(ctx: UIContext) -> dict[str, gr.components.Component]:

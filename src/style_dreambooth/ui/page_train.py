@@ -11,7 +11,8 @@ from ..errors import UserError
 from ..training.checkpoints import list_checkpoints
 from . import jobs
 from .context import UIContext, problem
-from .form import BASIC_FIELDS, REQUEST_FILE, FormField, config_from_form, form_fields, write_request
+from .form import (BASIC_FIELDS, REQUEST_FILE, FormField, config_from_form, form_fields, form_values_from_run,
+                   write_request)
 from .runs import read_losses, run_status, sample_grids
 from .workspace import RUNS
 
@@ -55,6 +56,12 @@ def default_run(ctx: UIContext) -> str | None:
     return ctx.ws.relative(runs[-1]) if runs else None
 
 
+def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
+    """The plot's data with numeric columns even when empty (an untyped empty frame makes the axes categorical)."""
+    return pd.DataFrame({"step": pd.Series([s for s, _ in losses], dtype="int64"),
+                         "loss": pd.Series([v for _, v in losses], dtype="float64")})
+
+
 def _progress_html(fraction: float) -> str:
     return f'<progress id="train-progress-bar" value="{fraction:.3f}" max="1" style="width:100%"></progress>'
 
@@ -79,7 +86,10 @@ def build(ctx: UIContext) -> dict[str, gr.components.Component]:
                 stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
                 resume = gr.Button("Resume", elem_id="train-resume")
             message = gr.Markdown(elem_id="train-message")
-            watch = gr.Dropdown(ctx.ws.folders(RUNS), label="Watch run", elem_id="train-watch", allow_custom_value=True)
+            with gr.Row():
+                watch = gr.Dropdown(ctx.ws.folders(RUNS), label="Watch run", elem_id="train-watch",
+                                    allow_custom_value=True, scale=3)
+                load = gr.Button("Load settings", elem_id="train-load", scale=1)
             status = gr.Markdown(elem_id="train-status")
             progress = gr.HTML(_progress_html(0.0), elem_id="train-progress")
             plot = gr.LinePlot(x="step", y="loss", title="Training loss (metrics.jsonl)", elem_id="loss-plot", height=260)
@@ -122,6 +132,17 @@ def build(ctx: UIContext) -> dict[str, gr.components.Component]:
         except UserError as exc:
             return problem(exc)
 
+    def on_load_settings(run):
+        try:
+            values = form_values_from_run(ctx.ws.resolve(run or "", "run"))
+        except UserError as exc:
+            return problem(exc), gr.skip(), *[gr.skip()] * len(names)
+        for key in ("instance_dir", "class_dir", "base_model", "base_config"):  # workspace-relative, as typed
+            if values.get(key) and Path(values[key]).is_relative_to(ctx.ws.root):
+                values[key] = ctx.ws.relative(Path(values[key]))
+        return (f"loaded the settings of `{run}`", Path(run).name,
+                *[values.get(name, gr.skip()) for name in names])
+
     def on_refresh(run, last):
         queue_md = queue_text(ctx)
         if not run:
@@ -137,7 +158,7 @@ def build(ctx: UIContext) -> dict[str, gr.components.Component]:
         log_text = jobs.log_tail(st.job) if st.job else ""
         if signature == last:
             return st.line(), _progress_html(st.fraction), gr.skip(), gr.skip(), log_text, queue_md, last
-        frame = pd.DataFrame(losses, columns=["step", "loss"])
+        frame = loss_frame(losses)
         gallery = [(str(p), p.stem) for p in found]
         return st.line(), _progress_html(st.fraction), frame, gallery, log_text, queue_md, signature
 
@@ -148,6 +169,7 @@ def build(ctx: UIContext) -> dict[str, gr.components.Component]:
     refresh_outputs = [status, progress, plot, grids, log, queue, seen]
     start.click(on_start, [run_name, *inputs.values()], [message, watch])
     stop.click(on_stop, watch, message)
+    load.click(on_load_settings, watch, [message, run_name, *inputs.values()])
     resume.click(on_resume, watch, message)
     watch.change(on_refresh, [watch, gr.State(None)], refresh_outputs)
     gr.Timer(REFRESH_S).tick(on_refresh, [watch, seen], refresh_outputs, show_progress="hidden")
