@@ -25,6 +25,11 @@ def _layout(path, **data):
     return path
 
 
+def _recorded_layout(folder) -> dict:
+    text = Image.open(folder / "000000.png").info["parameters"]
+    return json.loads(json.loads(text.split("Layout: ", 1)[1]))
+
+
 def _generate(capsys, model, out, *extra):
     return run_cli(capsys, "generate", "--model", model, "--out", out, *GEN, *extra)
 
@@ -102,7 +107,7 @@ def test_two_regions_change_the_image_and_the_png_reproduces_it(tmp_path, tiny_m
 
     text = Image.open(tmp_path / "two" / "000000.png").info["parameters"]
     assert text.startswith("a park\nNegative prompt: blurry\n")
-    recorded = json.loads(json.loads(text.split("Layout: ", 1)[1]))
+    recorded = _recorded_layout(tmp_path / "two")
     assert [r["prompt"] for r in recorded["regions"]] == ["a girl", "a boy"]
     (tmp_path / "again.json").write_text(json.dumps(recorded), encoding="utf-8")
     code, _, err = _generate(capsys, tiny_model, tmp_path / "again", "--layout", tmp_path / "again.json")
@@ -162,7 +167,8 @@ def test_controlnet_folder_and_single_file_steer_alike(tmp_path, tiny_model, tin
                              "--controlnet", tiny_controlnet, "--control-scale", "1.5")
     assert code == 0, err
     assert not np.array_equal(_pixels(tmp_path / "cn"), _pixels(tmp_path / "plain"))
-    assert "ControlNet: " in Image.open(tmp_path / "cn" / "000000.png").info["parameters"]
+    recorded = _recorded_layout(tmp_path / "cn")
+    assert recorded["control"][0]["scale"] == 1.5 and recorded["control"][0]["model"] == str(tiny_controlnet)
 
     single = tmp_path / "cn.safetensors"
     save_file(load_file(str(tiny_controlnet / "diffusion_pytorch_model.safetensors")), str(single))
@@ -186,8 +192,12 @@ def test_controlnet_and_regions_together_from_the_layout_file(tmp_path, tiny_mod
                      control=[{"image": "sketch.png", "model": str(tiny_controlnet), "scale": 1.0}])
     code, _, err = _generate(capsys, tiny_model, tmp_path / "both", "--layout", layout)
     assert code == 0, err
-    text = Image.open(tmp_path / "both" / "000000.png").info["parameters"]
-    assert "Layout: " in text and "ControlNet: " in text
+    recorded = _recorded_layout(tmp_path / "both")
+    assert len(recorded["regions"]) == 2 and recorded["control"][0]["image"] == str((tmp_path / "sketch.png").resolve())
+    (tmp_path / "again.json").write_text(json.dumps(recorded), encoding="utf-8")
+    code, _, err = _generate(capsys, tiny_model, tmp_path / "again", "--layout", tmp_path / "again.json")
+    assert code == 0, err
+    assert np.array_equal(_pixels(tmp_path / "again"), _pixels(tmp_path / "both"))
 
 
 # --------------------------------------------------------------------------- layout-sketch
@@ -207,7 +217,11 @@ def test_layout_sketch_draws_the_regions(tmp_path, capsys):
     assert arr[32, 20] == 255 and arr[0, 0] == 255  # inside and outside stay paper
     assert arr[40, 50] == 0 and arr[50, 50] == 255  # the mask's outline, not its inside
 
-    code, _, err = run_cli(capsys, "layout-sketch", layout, "--out", tmp_path / "f.png", "--style", "filled",
+    code, _, err = run_cli(capsys, "layout-sketch", layout, "--out", tmp_path / "solid.png", "--style", "solid")
+    assert code == 0, err
+    solid = np.asarray(Image.open(tmp_path / "solid.png").convert("L"))
+    assert solid[32, 20] == 0 and solid[50, 50] == 0 and solid[0, 0] == 255  # regions filled with ink
+    code, _, err = run_cli(capsys, "layout-sketch", layout, "--out", tmp_path / "f.png", "--style", "segments",
                            "--white-on-black", "--width", "128", "--height", "128")
     assert code == 0, err
     filled = np.asarray(Image.open(tmp_path / "f.png"))

@@ -253,13 +253,23 @@ class CompositionPlan:
         return pipe, conditioning
 
     def record(self) -> dict[str, str]:
-        """What the PNG's parameters add, so that the image can be made again."""
-        extra = {}
-        if self.layout and self.layout.regions:
-            extra["Layout"] = self.layout.model_copy(update={"control": []}).to_text()
-        if self.controls:
-            extra["ControlNet"] = "; ".join(f"{model} x{scale:g} <- {image}" for image, model, scale in self.controls)
-        return extra
+        """What the PNG's parameters add: the whole layout as JSON (the prompts used, the regions, every
+        control image with its ControlNet and scale, paths made absolute), so that
+        ``generate --layout`` of that JSON makes the image again."""
+        if not (self.layout and self.layout.regions) and not self.controls:
+            return {}
+        layout = self.layout or Layout()
+        regions = [r.model_copy(update={"mask": r.mask.resolve()}) if r.mask else r for r in layout.regions]
+        control = [Control(image=Path(image).resolve(), model=_absolute_if_local(model), scale=scale)
+                   for image, model, scale in self.controls]
+        used = layout.model_copy(update={"prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                                         "regions": regions, "control": control})
+        return {"Layout": used.to_text()}
+
+
+def _absolute_if_local(model: str) -> str:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def plan_composition(layout_file: Path | None, prompt: str | None, negative_prompt: str, control: list[Path],

@@ -1,7 +1,8 @@
 """`layout-sketch`: a condition image drawn from a layout, so "left: a girl, right: a boy" becomes a
-ControlNet input without a drawing program. Outlines (black on white, like a pen drawing; or white
-on black, as scribble, lineart and canny ControlNets expect) or filled regions (a flat colour each,
-as segmentation ControlNets expect)."""
+ControlNet input without a drawing program: outlines (black on white, like a pen drawing; or white
+on black, as scribble, lineart and canny ControlNets expect), solid regions (filled with ink, as
+the proof world's ControlNet reads a layout) or segments (a flat colour each, as segmentation
+ControlNets expect)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ def line_width(width: int, height: int) -> int:
     return max(2, round(min(width, height) / 64))
 
 
+STYLES = ("outline", "solid", "segments")
+
+
 def draw_sketch(layout: Layout, width: int, height: int, style: str = "outline", white_on_black: bool = False
                 ) -> Image.Image:
     """The layout's regions as an RGB image of ``width`` x ``height``."""
-    if style not in ("outline", "filled"):
+    if style not in STYLES:
         raise ValueError(f"unknown sketch style {style!r}")
     ink, paper = ((255, 255, 255), (0, 0, 0)) if white_on_black else ((0, 0, 0), (255, 255, 255))
     canvas = Image.new("RGB", (width, height), paper)
@@ -30,11 +34,11 @@ def draw_sketch(layout: Layout, width: int, height: int, style: str = "outline",
     masks = region_masks(layout, width, height)
     lw = line_width(width, height)
     for i, region in enumerate(layout.regions):
-        colour = FILL_COLOURS[i % len(FILL_COLOURS)] if style == "filled" else ink
+        colour = FILL_COLOURS[i % len(FILL_COLOURS)] if style == "segments" else ink
         if region.box is not None:
             box = box_pixels(region.box, width, height, f"region {i}")
             x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1
-            if style == "filled":
+            if style != "outline":
                 draw.rectangle((x0, y0, x1, y1), fill=colour)
             else:
                 draw.rectangle((x0, y0, x1, y1), outline=colour, width=lw)
