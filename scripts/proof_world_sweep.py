@@ -3,12 +3,12 @@ the way the ground-truth judges do, and does the checkpoint rule pick what the j
 
 Writes a base config for the shipped tiny SD 1.x base (5 yltcaxe instance images, prior
 preservation, text encoder trained: the demo's recipe), runs `run_sweep` over a small grid with the judges
-switched on and the proof world's held-out prompt file, then copies the report and the images it
-shows into OUT (a self-contained folder with relative paths) and writes OUT/README.md with, per run,
-the rank correlation, the rule's pick against the judges' best and a small metric table.
+switched on and the proof world's held-out prompt file, then writes OUT/report.html as one
+self-contained file (its images inlined) and OUT/README.md with, per run, the rank correlation, the
+rule's pick against the judges' best and a small metric table.
 
-Training runs (weights, checkpoints) stay in --work, which is resumable: re-running the same
-command skips finished runs and evaluations.
+Training runs (weights, checkpoints, evaluation images) stay in --work, which is resumable: re-running
+the same command skips finished runs and evaluations, and only rewrites the report.
 
     nice -n 10 python scripts/proof_world_sweep.py --threads 1                      # the default sweep
     python scripts/proof_world_sweep.py --out /tmp/pw --work /tmp/pw-work --steps 16 --grid learning_rate=1e-4
@@ -101,33 +101,6 @@ def base_config(out: Path, work: Path, steps: int, every: int | None = None, ada
         "logging_steps": 10,
         "seed": 0,
     }
-
-
-def export(evals, out: Path, first_seed: int):
-    """Copy each run's summary and the images the report shows into OUT/runs/<run>/ and return
-    the evaluations re-pointed there (the report's relative links then stay inside OUT)."""
-    from dataclasses import replace
-
-    copied = []
-    for ev in evals:
-        dst = out / "runs" / ev.run.name
-        if dst.exists():
-            shutil.rmtree(dst)
-        (dst / "eval").mkdir(parents=True)
-        for name in ("config.yaml", "metrics.jsonl"):
-            if (ev.run / name).is_file():
-                shutil.copy2(ev.run / name, dst / name)
-        shutil.copy2(ev.run / "eval" / "metrics.json", dst / "eval" / "metrics.json")
-        prompts = ev.settings.prompts
-        for point in ev.points:
-            (dst / "eval" / point.name).mkdir()
-            for kind, kind_prompts in (("token", prompts.token), ("class", prompts.klass)):  # what the report shows
-                for i in range(len(kind_prompts)):
-                    src = ev.image_path(point.name, kind, i, first_seed)
-                    if src.is_file():
-                        shutil.copy2(src, dst / "eval" / point.name / src.name)
-        copied.append(replace(ev, run=dst))
-    return copied
 
 
 def _f(value) -> str:
@@ -298,9 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             "scorers": [JudgeScorer()],
         })
         evals = [RunEvaluation.from_summary(work / "runs" / name) for name, _ in sweep_plan(grid, runs)]
-        evals = export(evals, out, seeds[0])
         seconds = time.perf_counter() - t0
-        write_report(evals, out, "Proof-world sweep: weight-free style distance vs the judges")
+        write_report(evals, out, "Proof-world sweep: weight-free style distance vs the judges", self_contained=True)
         write_judge_agreement(evals, out)
         command = ("python scripts/proof_world_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
         readme = write_readme(out, evals, args, grid, record_time(work, seconds, command), command, runs)

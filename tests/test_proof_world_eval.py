@@ -217,6 +217,38 @@ def test_report_shows_correlation_and_na(tmp_path):
     assert "All runs pooled" in text and "judge_style_hit.png" in text
 
 
+def test_self_contained_report_inlines_every_image(tmp_path):
+    """The committed proof-world reports are one file each: the same page, its images as data URIs."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from style_dreambooth.evaluation.evaluate import EvalSettings, PromptSet, RunEvaluation
+    from style_dreambooth.evaluation.selection import Alarm
+    from style_dreambooth.reports.html import write_report
+
+    settings = EvalSettings(PromptSet(["a yellow star, yltcaxe artstyle"], ["a yellow star"], ["artstyle"]), seeds=[0])
+    pts = [_pt(0, 3.0, 0.0), _pt(10, 2.0, 0.5)]
+    ev = RunEvaluation(tmp_path / "work" / "a", pts, Choice(10, "step-000010", "r"), Alarm(False), {}, settings,
+                       judge_agreement(pts, Choice(10, "step-000010", "r")))
+    for point in pts:
+        for kind in ("token", "class"):
+            path = ev.image_path(point.name, kind, 0, 0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    linked = write_report([ev], tmp_path / "work", "t").read_text()
+    text = write_report([ev], tmp_path / "docs", "t", self_contained=True).read_text()
+    sources = re.findall(r'src="([^"]*)"', text)
+    assert len(sources) == len(re.findall(r'src="([^"]*)"', linked)) == 4 + 2  # 4 tiles, 2 plots
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert sorted((tmp_path / "docs").iterdir()) == [tmp_path / "docs" / "report.html"]  # no report_files/
+    assert re.sub(r'src="[^"]*"', "", linked) == re.sub(r'src="[^"]*"', "", text)
+    tile = Image.open(io.BytesIO(base64.b64decode(sources[-1].split(",", 1)[1])))
+    assert tile.size == (8, 8) and tile.getpixel((0, 0)) == (200, 10, 10)
+
+
 def test_copy_threshold_holds_on_proof_world_pictures():
     """evaluate's copy threshold, checked on real proof-world pictures: the closest a model can come
     to an instance image (its VAE round trip, also mirrored or noisy) is a copy; fresh drawings of the

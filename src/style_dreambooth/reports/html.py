@@ -1,12 +1,16 @@
 """One HTML report for one run or a sweep: image grids, metric tables, metric-vs-step plots.
 
 The report is a folder: ``report.html`` plus ``report_files/`` (plots), with images referenced by
-relative paths inside the same folder tree, so it opens offline and can be zipped as is.
+relative paths inside the same folder tree, so it opens offline and can be zipped as is. A
+self-contained report is the one file ``report.html``: plots and images are inlined as data URIs,
+so it can be kept, sent or committed without the run folders it was made from.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import os
 from pathlib import Path
 
@@ -59,7 +63,16 @@ def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
-def _plot(evals: list[RunEvaluation], key: str, title: str, out: Path) -> bool:
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _src(path: Path, out_dir: Path, inline: bool) -> str:
+    """An <img> source: the file's path relative to the report, or its bytes as a data URI."""
+    return _data_uri(path.read_bytes()) if inline else _rel(path, out_dir)
+
+
+def _plot(evals: list[RunEvaluation], key: str, title: str, out: Path | io.BytesIO) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,12 +100,12 @@ def _plot(evals: list[RunEvaluation], key: str, title: str, out: Path) -> bool:
     if len(series) > 1:
         ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    fig.savefig(out)
+    fig.savefig(out, format="png")
     plt.close(fig)
     return True
 
 
-def _image_grid(ev: RunEvaluation, out_dir: Path, rows: list, first_seed: int) -> str:
+def _image_grid(ev: RunEvaluation, out_dir: Path, rows: list, first_seed: int, inline: bool = False) -> str:
     prompts = ev.settings.prompts
     cols = [("token", i, p) for i, p in enumerate(prompts.token)] + [("class", i, p) for i, p in enumerate(prompts.klass)]
     head = "".join(f"<th>{html.escape(p)}</th>" for _, _, p in cols)
@@ -101,7 +114,7 @@ def _image_grid(ev: RunEvaluation, out_dir: Path, rows: list, first_seed: int) -
         cells = []
         for kind, i, _ in cols:
             path = ev.image_path(point_name, kind, i, first_seed)
-            cells.append(f'<td><img src="{_rel(path, out_dir)}" alt="{kind} {i}"></td>' if path.is_file() else "<td>-</td>")
+            cells.append(f'<td><img src="{_src(path, out_dir, inline)}" alt="{kind} {i}"></td>' if path.is_file() else "<td>-</td>")
         body.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
     return f'<table class="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>'
 
@@ -144,10 +157,14 @@ def _metric_table(ev: RunEvaluation) -> str:
     return f"<table><tr><th>model (step)</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def write_report(evals: list[RunEvaluation], out_dir: Path, title: str) -> Path:
-    """Write out_dir/report.html (+ report_files/); images must live under out_dir."""
+def write_report(evals: list[RunEvaluation], out_dir: Path, title: str, self_contained: bool = False) -> Path:
+    """Write out_dir/report.html (+ report_files/); images must live under out_dir. With
+    ``self_contained``, report.html alone, its images inlined (they may live anywhere)."""
     files = out_dir / "report_files"
-    files.mkdir(parents=True, exist_ok=True)
+    if self_contained:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        files.mkdir(parents=True, exist_ok=True)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     first_seed = evals[0].settings.seeds[0] if evals else 0
@@ -180,14 +197,15 @@ def write_report(evals: list[RunEvaluation], out_dir: Path, title: str) -> Path:
         rows_html = []
         for ev in evals:
             if ev.choice is not None:
-                rows_html.append(_image_grid(ev, out_dir, [(ev.run.name, ev.choice.name)], first_seed))
+                rows_html.append(_image_grid(ev, out_dir, [(ev.run.name, ev.choice.name)], first_seed, self_contained))
         parts.append("".join(rows_html))
 
     parts.append("<h2>Metrics against steps</h2><div class='plots'>")
     for key, label in PLOTTED:
-        out = files / f"{key}.png"
+        out = io.BytesIO() if self_contained else files / f"{key}.png"
         if _plot(evals, key, label, out):
-            parts.append(f'<img src="{_rel(out, out_dir)}" alt="{html.escape(label)}">')
+            src = _data_uri(out.getvalue()) if isinstance(out, io.BytesIO) else _rel(out, out_dir)
+            parts.append(f'<img src="{src}" alt="{html.escape(label)}">')
     legend = " In the tables, a blue outline marks the checkpoint the judges rank best." if judged else ""
     parts.append("</div><p class='note'>&#9733; marks the chosen checkpoint; a dotted line marks where the overfitting "
                  f"alarm fired.{legend}</p>")
@@ -201,7 +219,7 @@ def write_report(evals: list[RunEvaluation], out_dir: Path, title: str) -> Path:
         parts.append(_agreement_line(ev))
         rows = [(f"{p.name} ({p.step})", p.name) for p in sorted(ev.points, key=lambda p: p.step)]
         parts.append(f"<p class='note'>Images per checkpoint, seed {first_seed}:</p>")
-        parts.append(_image_grid(ev, out_dir, rows, first_seed))
+        parts.append(_image_grid(ev, out_dir, rows, first_seed, self_contained))
         if ev.skipped:
             items = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in sorted(ev.skipped.items()))
             parts.append(f"<p class='note'>Skipped metrics:</p><ul class='note'>{items}</ul>")
