@@ -17,7 +17,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +30,11 @@ from ..errors import UserError
 from ..files import write_text_atomically
 from ..models.loading import load_run_base, model_identity
 from ..progress import progress_bar
+from ..run_layout import EVAL_SUMMARY, list_checkpoints, read_summary
 from ..sampling.generate import resolve_model, sample
 from ..sampling.images import make_scheduler, save_png
-from ..training.checkpoints import list_checkpoints
 from .agreement import JudgeAgreement, format_rho, judge_agreement
+from .scorers import Scorer, scorer_name
 from .selection import Alarm, Choice, Point, choose_checkpoint, overfitting_alarm
 
 log = logging.getLogger(__name__)
@@ -46,26 +47,6 @@ DEFAULT_SUBJECTS = (
     "a city street at night",
 )
 KINDS = ("token", "plain", "class")
-
-# An extra scorer (e.g. the proof world's judges): (images, prompts, kind) -> metrics. An optional
-# `name` attribute identifies it in the score cache (scores are recomputed when the set changes).
-Scorer = Callable[[list[Image.Image], list[str], str], dict[str, float]]
-
-
-def judge_scorers(name: str | None) -> list[Scorer]:
-    """The extra scorers for `--judges NAME`: 'toyworld' (the proof world's judges) or 'none'."""
-    if name is None or name.strip().lower() in ("", "none"):
-        return []
-    if name.strip().lower() == "toyworld":
-        from ..toyworld.scoring import JudgeScorer
-
-        return [JudgeScorer()]
-    raise UserError(f"unknown judges '{name}'; use --judges toyworld (the proof world's judges) or --judges none")
-
-
-def scorer_name(scorer: Scorer) -> str:
-    return str(getattr(scorer, "name", None) or getattr(scorer, "__name__", None) or type(scorer).__name__)
-
 
 @dataclass
 class PromptSet:
@@ -399,7 +380,7 @@ def _load_images(folder: Path, prompts: PromptSet, seeds: list[int]) -> dict[str
 
 
 def write_summary(result: RunEvaluation) -> Path:
-    path = result.run / "eval" / "metrics.json"
+    path = result.run / EVAL_SUMMARY
     data = {
         "settings": asdict(result.settings),
         "points": [asdict(p) for p in result.points],
@@ -410,18 +391,3 @@ def write_summary(result: RunEvaluation) -> Path:
     }
     write_text_atomically(path, json.dumps(data, indent=1))
     return path
-
-
-def read_summary(run: Path) -> dict[str, Any]:
-    path = run / "eval" / "metrics.json"
-    if not path.is_file():
-        raise UserError(f"run '{run}' has not been evaluated; run 'style-dreambooth evaluate {run}' first")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def best_checkpoint_spec(run: Path) -> str | None:
-    """The chosen checkpoint as a `--checkpoint` value; None means the final model."""
-    choice = read_summary(run).get("choice")
-    if not choice:
-        raise UserError(f"run '{run}' has no evaluated checkpoints to choose from")
-    return None if choice["name"] == "final" else choice["name"]

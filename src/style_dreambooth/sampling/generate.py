@@ -16,8 +16,7 @@ from ..files import make_output_dir
 from ..models.backbone import assemble_pipeline
 from ..models.loading import load_pipeline, load_run_base
 from ..progress import progress_bar
-from ..training.checkpoints import resolve_checkpoint
-from ..training.trainables import LORA_FILE
+from ..run_layout import LORA_FILE, best_checkpoint_spec, resolve_checkpoint
 from .composition import Conditioning, plan_composition
 from .images import SCHEDULERS, GenerationParams, make_grid, make_scheduler, save_png
 
@@ -42,8 +41,6 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
         return (load_pipeline(model, torch_dtype=dtype, allow_pickle=allow_pickle, single_file_config=base_config),
                 path.name or model)
     if checkpoint == "best":
-        from ..evaluation.evaluate import best_checkpoint_spec
-
         checkpoint = best_checkpoint_spec(path)
     if checkpoint is None:
         final = path / "model"

@@ -3,12 +3,17 @@ trained on it, judges that read style, subject and colour back from pixels, and 
 experiment and demo built on them.
 
 Everything here runs offline on a CPU. The base model and the judges ship in ``assets/``.
+
+The proof world is a client of the library: importing it registers its judges as the ``evaluate``
+scorer ``toyworld`` (``--judges toyworld``); the library never imports it.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+
+from ..evaluation.scorers import register_scorer
 
 
 def assets_dir() -> Path:
@@ -19,3 +24,6 @@ def assets_dir() -> Path:
 def base_model_dir() -> Path:
     """The shipped tiny SD 1.x pipeline folder (plain ``StableDiffusionPipeline.from_pretrained``)."""
     return assets_dir() / "base"
+
+
+register_scorer("toyworld", "style_dreambooth.toyworld.scoring:JudgeScorer", "the proof world's judges")

@@ -3,12 +3,12 @@
 A checkpoint is written under a hidden temporary name and renamed when complete, so a folder
 named ``step-N`` is always whole. The trained modules are saved in diffusers format
 (``unet/``, ``text_encoder/``); the optimizer and LR-schedule state sit in ``training_state.pt``.
+Finding and naming checkpoints is shared with the run's readers and lives in ``run_layout``.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -17,58 +17,12 @@ import torch
 
 from ..errors import UserError
 from ..files import replace_folder
-from .lora_file import LORA_FILE
+from ..run_layout import LORA_FILE, STATE_FILE, checkpoint_name, list_checkpoints, resolve_checkpoint
+
+__all__ = ["STATE_FILE", "checkpoint_name", "list_checkpoints", "resolve_checkpoint", "save_checkpoint",
+           "checkpoint_method", "check_checkpoint_method", "state_bytes", "load_training_state"]
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "training_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = []
-    for child in folder.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def resolve_checkpoint(run_dir: Path, spec: str) -> Path:
-    """'latest', 'step-N', 'N' or a path -> a checkpoint folder; UserError if there is none."""
-    if spec == "latest":
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise UserError(
-                f"--resume-from-checkpoint latest: no checkpoint in '{run_dir / 'checkpoints'}'; "
-                "drop the flag to start fresh"
-            )
-        return found[-1][1]
-    candidates = [Path(spec)]
-    if spec.isdigit():
-        candidates.append(run_dir / "checkpoints" / checkpoint_name(int(spec)))
-    m = _STEP_DIR.match(spec)
-    if m:
-        candidates.append(run_dir / "checkpoints" / checkpoint_name(int(m.group(1))))
-    for path in candidates:
-        if path.is_dir() and (path / STATE_FILE).is_file():
-            owner = path.resolve().parent.parent
-            if owner != run_dir.resolve():
-                # its weights, optimizer state and metrics history belong to that run's config
-                raise UserError(
-                    f"checkpoint '{spec}' belongs to the run in '{owner}', not to --output-dir '{run_dir}'; "
-                    f"resume that run with --output-dir '{owner}'"
-                )
-            return path
-    raise UserError(f"checkpoint '{spec}' not found (looked in '{run_dir / 'checkpoints'}'); use 'latest' or a step-N folder")
 
 
 def save_checkpoint(

@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 
 from ..files import give_usual_mode
 
-LORA_FILE = "lora.safetensors"
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 

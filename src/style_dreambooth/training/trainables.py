@@ -16,7 +16,8 @@ import torch
 from ..config import TrainConfig
 from ..errors import UserError
 from ..models.backbone import assemble_pipeline
-from .lora_file import LORA_FILE, load_lora_state_dict, lora_state_dict, read_lora_file, write_lora_file
+from ..run_layout import LORA_FILE
+from .lora_file import load_lora_state_dict, lora_state_dict, read_lora_file, write_lora_file
 
 
 class Trainables(Protocol):
