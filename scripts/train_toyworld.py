@@ -4,8 +4,9 @@
     python scripts/train_toyworld.py vae        # -> <work>/vae
     python scripts/train_toyworld.py base       # UNet + text encoder on the VAE -> <work>/base
     python scripts/train_toyworld.py judges     # -> <work>/judges.safetensors
+    python scripts/train_toyworld.py controlnet # the tiny ControlNet on the shipped base -> <work>/controlnet
     python scripts/train_toyworld.py evaluate   # judge the base model's samples
-    python scripts/train_toyworld.py install    # copy <work>/base and judges into the package
+    python scripts/train_toyworld.py install    # copy <work>/base, judges and controlnet into the package
     python scripts/train_toyworld.py all        # vae, judges, base, evaluate, install
     python scripts/train_toyworld.py experiment # one fine-tune through `train`, metrics JSON
 
@@ -76,6 +77,14 @@ def stage_judges(args) -> None:
     judges.save(args.work / "judges.safetensors")
 
 
+def stage_controlnet(args) -> None:
+    from style_dreambooth.toyworld.controlnet import train_controlnet
+
+    base = args.work / "base" if (args.work / "base").is_dir() else None  # else the shipped base
+    train_controlnet(args.work / "controlnet", steps=args.cn_steps, n_pairs=args.cn_pairs, batch=args.cn_batch,
+                     lr=args.cn_lr, seed=args.seed, base=base, save_every=args.checkpoint_every)
+
+
 def stage_evaluate(args) -> None:
     from style_dreambooth.toyworld.evaluate import evaluate_base
     from style_dreambooth.toyworld.judges import Judges
@@ -96,6 +105,10 @@ def stage_install(args) -> None:
         shutil.copytree(args.work / "base", dest / "base", ignore=shutil.ignore_patterns("eval.json"))
     if (args.work / "judges.safetensors").is_file():
         shutil.copy2(args.work / "judges.safetensors", dest / "judges.safetensors")
+    if (args.work / "controlnet").is_dir():
+        if (dest / "controlnet").exists():
+            shutil.rmtree(dest / "controlnet")
+        shutil.copytree(args.work / "controlnet", dest / "controlnet", ignore=shutil.ignore_patterns("step-*"))
     print(f"installed into {dest}")
 
 
@@ -113,7 +126,8 @@ def stage_experiment(args) -> None:
     print(metrics.to_json())
 
 
-STAGES = {"vae": stage_vae, "judges": stage_judges, "base": stage_base, "evaluate": stage_evaluate,
+STAGES = {"vae": stage_vae, "judges": stage_judges, "base": stage_base, "controlnet": stage_controlnet,
+          "evaluate": stage_evaluate,
           "install": stage_install, "experiment": stage_experiment}
 
 
@@ -139,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--name", default="base", help="base: output folder name under --work")
+    p.add_argument("--cn-steps", type=int, default=2500, help="controlnet: training steps")
+    p.add_argument("--cn-batch", type=int, default=16)
+    p.add_argument("--cn-lr", type=float, default=5e-4)
+    p.add_argument("--cn-pairs", type=int, default=3000, help="controlnet: (sketch, scene) training pairs")
     p.add_argument("--model", type=Path, default=None, help="model to evaluate (default <work>/base)")
     p.add_argument("--eval-n", type=int, default=4, help="samples per (subject, colour) cell in evaluate")
     p.add_argument("--set", action="append", help="experiment: override an ExperimentConfig field, key=value")
@@ -146,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
-    stages = ["vae", "judges", "base", "evaluate", "install"] if args.stage == "all" else [args.stage]
+    stages = ["vae", "judges", "base", "controlnet", "evaluate", "install"] if args.stage == "all" else [args.stage]
     for name in stages:
         t = time.time()
         STAGES[name](args)

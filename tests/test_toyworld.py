@@ -223,19 +223,21 @@ def test_demo_page_shows_grids_and_metrics(tmp_path):
     from style_dreambooth.toyworld.experiment import ExperimentMetrics, Gallery, instance_scenes
 
     images = [apply_style(s) for s in instance_scenes(5)]
-    gallery = Gallery(rows=[("a yellow star, yltcaxe artstyle", images[:2], images[2:4])], instances=images)
+    gallery = Gallery(rows=[("a yellow star, yltcaxe artstyle", images[:2], images[2:4])], instances=images,
+                      pairs=[("a yellow star and a purple heart, yltcaxe artstyle", images[4], images[:2], images[2:4])])
     metrics = ExperimentMetrics(
         style_hit_rate=0.9, leak_rate=0.0, leak_rate_plain=0.0, leak_rate_class=0.0, subject_acc_token=0.7, colour_acc_token=0.8, subject_acc_plain=0.8,
         colour_acc_plain=0.9, base_subject_acc=0.8, base_colour_acc=0.9, base_style_hit_rate=0.0,
         drift_pixel_plain=0.01, drift_pixel_artstyle=0.02, drift_style_tv_artstyle=0.1,
         style_mix_artstyle_base={"plain": 1.0}, style_mix_artstyle_tuned={"plain": 1.0}, memorisation_rate=0.0,
         memorisation_threshold=0.6, max_instance_ssim=0.3, two_subject_success_token=0.1,
-        two_subject_success_base=0.2, n_eval_images=10, train_seconds=1.0, total_seconds=2.0,
+        two_subject_success_base=0.2, two_subject_layout_token=0.875, two_subject_layout_style=0.75, n_eval_images=10, train_seconds=1.0, total_seconds=2.0,
         config={"max_train_steps": 1, "learning_rate": 1e-4, "instance_prompt": "yltcaxe artstyle"},
     )
     page = write_html(tmp_path, metrics, gallery, 3.0)
     text = page.read_text()
     assert page == tmp_path / "index.html"
     assert "Style hit" in text and "0.900" in text and "a yellow star, yltcaxe artstyle" in text
-    for src in ("images/instances.png", "images/row000.png"):
+    assert "with the layout" in text and "0.875" in text and "a yellow star and a purple heart" in text
+    for src in ("images/instances.png", "images/row000.png", "images/pair000.png"):
         assert src in text and (tmp_path / src).is_file()

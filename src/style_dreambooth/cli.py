@@ -153,8 +153,9 @@ def generate(**kw: Any) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The PNG to write.")
 @click.option("--width", type=click.IntRange(8, 4096), default=None, help="Default: the layout's, else 512.")
 @click.option("--height", type=click.IntRange(8, 4096), default=None, help="Default: the layout's, else 512.")
-@click.option("--style", type=click.Choice(["outline", "filled"]), default="outline", show_default=True,
-              help="Box outlines (scribble, lineart, the proof world's ControlNet) or flat-colour regions (seg).")
+@click.option("--style", type=click.Choice(["outline", "solid", "segments"]), default="outline", show_default=True,
+              help="Outlines (scribble, lineart), ink-filled regions (the proof world's ControlNet) or one flat "
+                   "colour per region (seg).")
 @click.option("--white-on-black", is_flag=True, help="White lines on black, as scribble/lineart/canny ControlNets expect.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def layout_sketch(layout: Path, out: Path, width: int | None, height: int | None, style: str, white_on_black: bool,
@@ -204,13 +205,15 @@ def _eval_options(func):
     func = click.option("--dino", default="facebook/dinov2-small", show_default=True,
                         help="DINO weights (hub id or folder); 'none' to skip.")(func)
     func = click.option("--judges", default="none", show_default=True,
-                        help="Ground-truth judges to add: 'toyworld' (proof-world runs) or 'none'.")(func)
+                        help="Extra scorers to add: 'toyworld' (the proof world's ground-truth judges), "
+                             "a module:callable that returns a scorer, or 'none'.")(func)
     return func
 
 
 def _eval_kwargs(prompt_file, seeds: str, steps: int, clip: str, dino: str, judges: str) -> dict[str, Any]:
-    from .evaluation.evaluate import judge_scorers
+    from . import toyworld  # noqa: F401 - registers the proof world's judges as --judges toyworld
     from .evaluation.learned import LearnedMetrics
+    from .evaluation.scorers import judge_scorers
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]

@@ -14,7 +14,8 @@ Metrics (see :class:`ExperimentMetrics`):
   (mean absolute pixel difference, and total-variation distance of the judged style mix);
 * memorisation: outputs whose nearest instance image is more similar (SSIM) than any of a
   calibration set of fresh renders of the same subjects in the same style is to it;
-* two-subject success: "a red star and a blue house, yltcaxe artstyle" judged half by half.
+* two-subject success on held-out pairs ("a yellow star and a purple heart, yltcaxe artstyle"), judged
+  half by half: the prompt alone, and with a layout (regional prompts and the tiny ControlNet).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from PIL import Image
 from ..config import TrainConfig
 from ..training.loop import train
 from . import base_model_dir
-from .evaluate import GUIDANCE, Job, for_sampling, generate_jobs, grid_jobs, load_pipe, pair_jobs, score_pairs, score_single
+from . import two_subjects
+from .evaluate import GUIDANCE, Job, for_sampling, generate_jobs, grid_jobs, load_pipe, score_single
 from .judges import Judges
 from .render import random_scene
 from .styles import ARTIST_STYLE, apply_style
+from .two_subjects import heldout_pairs
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,10 @@ class ExperimentConfig:
     drift_seeds: int = 12  # for the class prompt "artstyle"
     heldout_subjects: tuple[str, ...] = HELDOUT_SUBJECTS
     heldout_colours: tuple[str, ...] = HELDOUT_COLOURS
-    pairs: bool = True
+    pairs: bool = True  # two-subject prompts: held-out pairs, prompt only and with a layout
+    pair_count: int = 4  # held-out (left, right) pairs
+    pair_seeds: int = 2
+    layout_way: str = "both"  # regions + ControlNet (see two_subjects.WAYS)
 
 
 @dataclass
@@ -103,8 +109,10 @@ class ExperimentMetrics:
     memorisation_rate: float  # token outputs (held-out + bare instance prompt) nearly copying an instance
     memorisation_threshold: float
     max_instance_ssim: float
-    two_subject_success_token: float | None
-    two_subject_success_base: float | None
+    two_subject_success_token: float | None  # prompt only, with the token
+    two_subject_success_base: float | None  # prompt only, base model, plain prompt
+    two_subject_layout_token: float | None  # with the layout (cfg.layout_way), with the token
+    two_subject_layout_style: float | None  # with the layout: the lower of the two halves' style hits
     n_eval_images: int
     train_seconds: float
     total_seconds: float
@@ -251,6 +259,8 @@ class Gallery:
 
     rows: list[tuple[str, list[Image.Image], list[Image.Image]]] = field(default_factory=list)
     instances: list[Image.Image] = field(default_factory=list)
+    # two subjects: (prompt, layout sketch, prompt-only images, images with the layout)
+    pairs: list[tuple[str, Image.Image, list[Image.Image], list[Image.Image]]] = field(default_factory=list)
 
 
 class _Probe:
@@ -266,10 +276,8 @@ class _Probe:
         self.jobs["class"] = [Job(f"{j.prompt}, {cfg.class_prompt}", j.seeds, j.subjects) for j in plain]
         self.jobs["drift"] = [Job(cfg.class_prompt, tuple(range(2000, 2000 + cfg.drift_seeds)), (("", ""),))]
         self.jobs["bare"] = [Job(cfg.instance_prompt, tuple(range(3000, 3000 + cfg.drift_seeds)), (("", ""),))]
-        if cfg.pairs:
-            pj = pair_jobs(seeds, style=None)
-            self.jobs["pairs_plain"] = pj
-            self.jobs["pairs"] = [Job(f"{j.prompt}, {cfg.instance_prompt}", j.seeds, j.subjects, ARTIST_STYLE) for j in pj]
+        self.pairs = heldout_pairs(cfg.heldout_subjects, cfg.heldout_colours, cfg.pair_count)
+        self.pair_seeds = list(range(4000, 4000 + cfg.pair_seeds))
         base = load_pipe(cfg.base_model)
         self.base_img = {name: generate_jobs(base, self.jobs[name], cfg.eval_steps, label=f"base: {name}")
                          for name in ("token", "plain", "drift")}
@@ -278,8 +286,9 @@ class _Probe:
         self.base_mix = _style_mix(judges, _flat(self.base_img["drift"]))
         self.two_base = None
         if cfg.pairs:
-            pj = self.jobs["pairs_plain"]
-            self.two_base = score_pairs(judges, pj, generate_jobs(base, pj, cfg.eval_steps, label="base: pairs"))
+            scores, _ = two_subjects.measure(base, None, judges, self.pairs, self.pair_seeds, ways=("prompt",),
+                                             steps=cfg.eval_steps, label="base: two subjects")
+            self.two_base = scores["prompt"].success
         self.threshold = calibrate_memorisation(instances, cfg.seed)
 
     def measure(self, tuned, train_seconds: float, t0: float, gallery: Gallery | None = None,
@@ -295,10 +304,16 @@ class _Probe:
         mix_tuned = _style_mix(judges, _flat(t_img["drift"]))
         outputs = _flat(t_img["token"]) + _flat(t_img["bare"])
         sims = ssim_matrix(outputs, self.instances).max(axis=1)
-        two_tok = None
+        two: dict[str, two_subjects.TwoSubjectScores] = {}
         if cfg.pairs:
-            two_tok = score_pairs(judges, jobs["pairs"], generate_jobs(tuned, jobs["pairs"], cfg.eval_steps,
-                                                                       label=f"{label}: pairs"))
+            two, two_img = two_subjects.measure(
+                tuned, two_subjects.toy_controlnet_pipeline(tuned), judges, self.pairs, self.pair_seeds,
+                suffix=f", {cfg.instance_prompt}", ways=("prompt", cfg.layout_way), steps=cfg.eval_steps,
+                label=f"{label}: two subjects")
+            if gallery is not None:
+                layouts = [two_subjects.pair_layout(p, f", {cfg.instance_prompt}") for p in self.pairs]
+                gallery.pairs = [(lay.prompt, two_subjects.sketch(lay), a, b)
+                                 for lay, a, b in zip(layouts, two_img["prompt"], two_img[cfg.layout_way])]
         if gallery is not None:
             gallery.instances = self.instances
             b = self.base_img
@@ -326,8 +341,10 @@ class _Probe:
             memorisation_rate=float((sims > self.threshold).mean()) if len(sims) else 0.0,
             memorisation_threshold=self.threshold,
             max_instance_ssim=float(sims.max()) if len(sims) else 0.0,
-            two_subject_success_token=two_tok,
+            two_subject_success_token=two["prompt"].success if two else None,
             two_subject_success_base=self.two_base,
+            two_subject_layout_token=two[cfg.layout_way].success if two else None,
+            two_subject_layout_style=min(two[cfg.layout_way].style_left, two[cfg.layout_way].style_right) if two else None,
             n_eval_images=n_images,
             train_seconds=train_seconds,
             total_seconds=time.perf_counter() - t0,

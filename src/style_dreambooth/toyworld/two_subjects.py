@@ -1,0 +1,130 @@
+"""Two subjects in one picture, four ways, judged half by half.
+
+1. ``prompt``: the prompt alone ("a yellow star and a purple heart, yltcaxe artstyle");
+2. ``regions``: a layout whose left box asks for the first subject and right box for the second
+   (regional prompts, ``sampling/regional_attention.py``);
+3. ``controlnet``: the prompt, plus the layout's sketch through the proof world's ControlNet;
+4. ``both``: regions and the ControlNet together.
+
+Success means both halves show the asked subject in the asked colour (the judges' verdict on
+each half). With the token, the style hit of each half is the share of images whose half the
+judges call yltcaxe. Pairs are of held-out subjects and colours (never in the instance images).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+
+from ..progress import progress_bar
+from ..sampling.composition import Conditioning, Layout, Region, region_masks
+from ..sampling.generate import sample
+from ..sampling.sketch import draw_sketch
+from .evaluate import GUIDANCE
+from .judges import Judges, half_view
+from .render import SIZE
+from .styles import ARTIST_STYLE
+
+log = logging.getLogger(__name__)
+
+WAYS: tuple[str, ...] = ("prompt", "regions", "controlnet", "both")
+LEFT_BOX = (0.06, 0.28, 0.44, 0.72)
+RIGHT_BOX = (0.56, 0.28, 0.94, 0.72)
+BASE_WEIGHT = 0.0
+
+Pair = tuple[tuple[str, str], tuple[str, str]]
+
+
+def heldout_pairs(subjects: tuple[str, ...], colours: tuple[str, ...], n: int = 8) -> list[Pair]:
+    """``n`` (left, right) pairs of two different subjects in two different colours, spread over all."""
+    kinds = list(itertools.permutations(subjects, 2))
+    hues = list(itertools.permutations(colours, 2))
+    picks = [(kinds[(5 * i) % len(kinds)], hues[i % len(hues)]) for i in range(n)]
+    return [((k[0], c[0]), (k[1], c[1])) for k, c in picks]
+
+
+def pair_layout(pair: Pair, suffix: str = "") -> Layout:
+    """The layout a user would write: the pair's prompt, and one box per subject with its own prompt."""
+    (k1, c1), (k2, c2) = pair
+    return Layout(
+        prompt=f"a {c1} {k1} and a {c2} {k2}{suffix}", base_weight=BASE_WEIGHT, width=SIZE, height=SIZE,
+        regions=[Region(prompt=f"a {c1} {k1}{suffix}", box=LEFT_BOX), Region(prompt=f"a {c2} {k2}{suffix}", box=RIGHT_BOX)],
+    )
+
+
+def sketch(layout: Layout) -> Image.Image:
+    """The layout's boxes filled with ink: the condition image the proof world's ControlNet reads."""
+    return draw_sketch(layout, SIZE, SIZE, "solid")
+
+
+def conditioning(way: str, layout: Layout) -> Conditioning:
+    cond = Conditioning()
+    if way in ("regions", "both"):
+        cond = Conditioning([r.prompt for r in layout.regions], region_masks(layout, SIZE, SIZE), layout.base_weight)
+    if way in ("controlnet", "both"):
+        cond.control_images = [sketch(layout)]
+        cond.control_scales = [1.0]
+    return cond
+
+
+@dataclass
+class TwoSubjectScores:
+    n: int
+    success: float  # both halves right
+    left: float  # the left half right
+    right: float
+    style_left: float  # the left half judged yltcaxe
+    style_right: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def score(judges: Judges, pairs: list[Pair], images: list[list[Image.Image]]) -> TwoSubjectScores:
+    n = ok = lok = rok = sl = sr = 0
+    for ((k1, c1), (k2, c2)), ims in zip(pairs, images):
+        left = judges.judge([half_view(im, "left") for im in ims])
+        right = judges.judge([half_view(im, "right") for im in ims])
+        for lv, rv in zip(left, right):
+            a, b = (lv.subject, lv.colour) == (k1, c1), (rv.subject, rv.colour) == (k2, c2)
+            n, ok, lok, rok = n + 1, ok + (a and b), lok + a, rok + b
+            sl, sr = sl + (lv.style == ARTIST_STYLE), sr + (rv.style == ARTIST_STYLE)
+    d = max(1, n)
+    return TwoSubjectScores(n, ok / d, lok / d, rok / d, sl / d, sr / d)
+
+
+def measure(pipe, control_pipe, judges: Judges, pairs: list[Pair], seeds: list[int], suffix: str = "",
+            ways: tuple[str, ...] = WAYS, steps: int = 20, label: str = "two subjects"
+            ) -> tuple[dict[str, TwoSubjectScores], dict[str, list[list[Image.Image]]]]:
+    """Scores and images per way; ``control_pipe`` is ``pipe``'s ControlNet pipeline (None: skip those ways)."""
+    scores, images = {}, {}
+    ways = tuple(w for w in ways if control_pipe is not None or w not in ("controlnet", "both"))
+    with progress_bar(label, len(ways) * len(pairs) * len(seeds)) as bar, torch.no_grad():
+        for way in ways:
+            runner = control_pipe if way in ("controlnet", "both") else pipe
+            images[way] = []
+            for pair in pairs:
+                layout = pair_layout(pair, suffix)
+                images[way].append(sample(runner, layout.prompt, seeds, steps=steps, guidance=GUIDANCE, width=SIZE,
+                                          height=SIZE, batch_size=16, conditioning=conditioning(way, layout)))
+                if bar:
+                    bar.advance(0, len(seeds))
+            scores[way] = score(judges, pairs, images[way])
+            log.info("%s, %s: %s", label, way, scores[way])
+    return scores, images
+
+
+def toy_controlnet_pipeline(pipe, folder=None):
+    """``pipe`` with the shipped tiny ControlNet, or the one in ``folder`` (diffusers' ControlNet
+    pipeline over the same parts)."""
+    from ..sampling.control import controlnet_pipeline, load_controlnet
+    from .controlnet import controlnet_dir
+
+    net = load_controlnet(str(folder or controlnet_dir()), pipe.unet, "proof-world model", pipe.unet.dtype)
+    control = controlnet_pipeline(pipe, [net])
+    control.set_progress_bar_config(disable=True)
+    return control
