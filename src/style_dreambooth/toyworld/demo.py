@@ -58,6 +58,7 @@ _ROWS = (
     ("two_subject_layout_token", "Two subjects right, with token, with the layout (regions + ControlNet)", "the fix"),
     ("two_subject_layout_style", "Two subjects with the layout: style hit, lower of the two halves", "higher is better"),
     ("two_subject_success_base", "Two subjects right, base model, prompt only", "the known failure"),
+    ("two_subject_layout_base", "Two subjects right, base model, with the layout", "the fix, where it works"),
 )
 
 

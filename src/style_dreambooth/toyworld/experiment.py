@@ -111,6 +111,7 @@ class ExperimentMetrics:
     max_instance_ssim: float
     two_subject_success_token: float | None  # prompt only, with the token
     two_subject_success_base: float | None  # prompt only, base model, plain prompt
+    two_subject_layout_base: float | None  # with the layout, base model, plain prompts
     two_subject_layout_token: float | None  # with the layout (cfg.layout_way), with the token
     two_subject_layout_style: float | None  # with the layout: the lower of the two halves' style hits
     n_eval_images: int
@@ -277,18 +278,19 @@ class _Probe:
         self.jobs["drift"] = [Job(cfg.class_prompt, tuple(range(2000, 2000 + cfg.drift_seeds)), (("", ""),))]
         self.jobs["bare"] = [Job(cfg.instance_prompt, tuple(range(3000, 3000 + cfg.drift_seeds)), (("", ""),))]
         self.pairs = heldout_pairs(cfg.heldout_subjects, cfg.heldout_colours, cfg.pair_count)
-        self.pair_seeds = list(range(4000, 4000 + cfg.pair_seeds))
+        self.pair_seeds = list(range(5000, 5000 + cfg.pair_seeds))  # as scripts/proof_world_composition.py
         base = load_pipe(cfg.base_model)
         self.base_img = {name: generate_jobs(base, self.jobs[name], cfg.eval_steps, label=f"base: {name}")
                          for name in ("token", "plain", "drift")}
         self.base_plain = score_single(judges, self.jobs["plain"], self.base_img["plain"])
         self.base_token = score_single(judges, self.jobs["token"], self.base_img["token"])
         self.base_mix = _style_mix(judges, _flat(self.base_img["drift"]))
-        self.two_base = None
+        self.two_base = self.two_base_layout = None
         if cfg.pairs:
-            scores, _ = two_subjects.measure(base, None, judges, self.pairs, self.pair_seeds, ways=("prompt",),
-                                             steps=cfg.eval_steps, label="base: two subjects")
-            self.two_base = scores["prompt"].success
+            scores, _ = two_subjects.measure(base, two_subjects.toy_controlnet_pipeline(base), judges, self.pairs,
+                                             self.pair_seeds, ways=("prompt", cfg.layout_way), steps=cfg.eval_steps,
+                                             label="base: two subjects")
+            self.two_base, self.two_base_layout = scores["prompt"].success, scores[cfg.layout_way].success
         self.threshold = calibrate_memorisation(instances, cfg.seed)
 
     def measure(self, tuned, train_seconds: float, t0: float, gallery: Gallery | None = None,
@@ -343,6 +345,7 @@ class _Probe:
             max_instance_ssim=float(sims.max()) if len(sims) else 0.0,
             two_subject_success_token=two["prompt"].success if two else None,
             two_subject_success_base=self.two_base,
+            two_subject_layout_base=self.two_base_layout,
             two_subject_layout_token=two[cfg.layout_way].success if two else None,
             two_subject_layout_style=min(two[cfg.layout_way].style_left, two[cfg.layout_way].style_right) if two else None,
             n_eval_images=n_images,

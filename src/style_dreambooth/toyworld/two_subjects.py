@@ -32,9 +32,9 @@ from .styles import ARTIST_STYLE
 log = logging.getLogger(__name__)
 
 WAYS: tuple[str, ...] = ("prompt", "regions", "controlnet", "both")
-LEFT_BOX = (0.06, 0.28, 0.44, 0.72)
-RIGHT_BOX = (0.56, 0.28, 0.94, 0.72)
-BASE_WEIGHT = 0.0
+LEFT_HALF, RIGHT_HALF = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)  # the regions: "left: A, right: B"
+LEFT_BOX, RIGHT_BOX = (0.06, 0.28, 0.44, 0.72), (0.56, 0.28, 0.94, 0.72)  # the sketch: where each goes
+BASE_WEIGHT = 0.3  # the pair prompt keeps a share inside each half (best of 0, 0.3, 0.5 measured)
 
 Pair = tuple[tuple[str, str], tuple[str, str]]
 
@@ -47,18 +47,21 @@ def heldout_pairs(subjects: tuple[str, ...], colours: tuple[str, ...], n: int = 
     return [((k[0], c[0]), (k[1], c[1])) for k, c in picks]
 
 
-def pair_layout(pair: Pair, suffix: str = "") -> Layout:
-    """The layout a user would write: the pair's prompt, and one box per subject with its own prompt."""
+def pair_layout(pair: Pair, suffix: str = "", boxes: tuple = (LEFT_HALF, RIGHT_HALF)) -> Layout:
+    """The layout a user would write: the pair's prompt, and one region per subject with its own prompt."""
     (k1, c1), (k2, c2) = pair
     return Layout(
         prompt=f"a {c1} {k1} and a {c2} {k2}{suffix}", base_weight=BASE_WEIGHT, width=SIZE, height=SIZE,
-        regions=[Region(prompt=f"a {c1} {k1}{suffix}", box=LEFT_BOX), Region(prompt=f"a {c2} {k2}{suffix}", box=RIGHT_BOX)],
+        regions=[Region(prompt=f"a {c1} {k1}{suffix}", box=boxes[0]), Region(prompt=f"a {c2} {k2}{suffix}", box=boxes[1])],
     )
 
 
 def sketch(layout: Layout) -> Image.Image:
-    """The layout's boxes filled with ink: the condition image the proof world's ControlNet reads."""
-    return draw_sketch(layout, SIZE, SIZE, "solid")
+    """The condition image the proof world's ControlNet reads: the subjects' boxes filled with ink
+    (``layout-sketch --style solid`` of the same layout with the boxes where each subject goes)."""
+    boxed = layout.model_copy(update={"regions": [r.model_copy(update={"box": b})
+                                                  for r, b in zip(layout.regions, (LEFT_BOX, RIGHT_BOX))]})
+    return draw_sketch(boxed, SIZE, SIZE, "solid")
 
 
 def conditioning(way: str, layout: Layout) -> Conditioning:
