@@ -122,10 +122,12 @@ def _pairs_section(gallery: Gallery, save) -> list[str]:
     if not gallery.pairs:
         return []
     parts = ["<h2>Two subjects: prompt only (left) and with a layout (right), same seeds</h2>",
-             "<p>The layout puts the first subject in the left box and the second in the right box: each box has "
-             "its own prompt (regional prompts in cross-attention), and the boxes, drawn by "
-             "<code>layout-sketch --style solid</code> (shown first), steer the proof world's tiny ControlNet, "
-             "which was trained on the base model in the pretraining styles only.</p>"]
+             "<p>The layout gives each half of the canvas its own prompt (regional prompts in cross-attention, with "
+             "the pair prompt keeping a 0.3 share), and two boxes where the subjects go, drawn by "
+             "<code>layout-sketch --style solid</code> (shown first), steer the proof world's tiny ControlNet, which "
+             "was trained on the base model in the pretraining styles only. On the base model the layout puts each "
+             "asked subject in its half far more often; on the fine-tune both halves rarely come out right (see "
+             "docs/proof-world.md, 'Composition').</p>"]
     for i, (prompt, sketch, plain, laid) in enumerate(gallery.pairs):
         grid = make_grid([sketch, *plain, *laid], cols=1 + len(plain) + len(laid))
         parts.append(f"<figure><img src='{save(grid, f'pair{i:03d}.png', 2)}'>"
