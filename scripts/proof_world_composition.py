@@ -86,13 +86,13 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| model | way | two-subject success | left right | right right | style hit left | style hit right |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | way | two-subject success | both subjects (any colour) | left right | right right | "
+             "style hit left | style hit right |", "|---|---|---|---|---|---|---|---|"]
     for name, by_way in results["models"].items():
         for way, s in by_way.items():
             if way == "seconds":
                 continue
-            lines.append(f"| {name} | {way} | **{s['success']:.2f}** | {s['left']:.2f} | {s['right']:.2f} | "
+            lines.append(f"| {name} | {way} | **{s['success']:.2f}** | {s['subjects']:.2f} | {s['left']:.2f} | {s['right']:.2f} | "
                          f"{s['style_left']:.2f} | {s['style_right']:.2f} |")
     n = len(results["pairs"]) * len(results["seeds"])
     lines.append(f"\n{len(results['pairs'])} held-out pairs x {len(results['seeds'])} seeds = {n} images per cell, "

@@ -77,8 +77,9 @@ def conditioning(way: str, layout: Layout) -> Conditioning:
 @dataclass
 class TwoSubjectScores:
     n: int
-    success: float  # both halves right
-    left: float  # the left half right
+    success: float  # both halves right: subject and colour
+    subjects: float  # both halves show the asked subject, whatever its colour
+    left: float  # the left half right (subject and colour)
     right: float
     style_left: float  # the left half judged yltcaxe
     style_right: float
@@ -88,16 +89,17 @@ class TwoSubjectScores:
 
 
 def score(judges: Judges, pairs: list[Pair], images: list[list[Image.Image]]) -> TwoSubjectScores:
-    n = ok = lok = rok = sl = sr = 0
+    n = ok = kinds = lok = rok = sl = sr = 0
     for ((k1, c1), (k2, c2)), ims in zip(pairs, images):
         left = judges.judge([half_view(im, "left") for im in ims])
         right = judges.judge([half_view(im, "right") for im in ims])
         for lv, rv in zip(left, right):
             a, b = (lv.subject, lv.colour) == (k1, c1), (rv.subject, rv.colour) == (k2, c2)
             n, ok, lok, rok = n + 1, ok + (a and b), lok + a, rok + b
+            kinds += lv.subject == k1 and rv.subject == k2
             sl, sr = sl + (lv.style == ARTIST_STYLE), sr + (rv.style == ARTIST_STYLE)
     d = max(1, n)
-    return TwoSubjectScores(n, ok / d, lok / d, rok / d, sl / d, sr / d)
+    return TwoSubjectScores(n, ok / d, kinds / d, lok / d, rok / d, sl / d, sr / d)
 
 
 def measure(pipe, control_pipe, judges: Judges, pairs: list[Pair], seeds: list[int], suffix: str = "",
