@@ -36,9 +36,9 @@ def _ci_parameters(tmp_path: Path, tiny_model: Path) -> dict:
         "BASE_MODEL": str(tiny_model),
         "INSTANCE_PROMPT": "yltcaxe artstyle", "CLASS_PROMPT": "artstyle",
         "VALIDATION_PROMPT": "a boy in yltcaxe artstyle",
-        "METHOD": "full", "RESOLUTION": 64, "MAX_TRAIN_STEPS": 8, "LEARNING_RATE": 1e-3, "NUM_CLASS_IMAGES": 2,
+        "METHOD": "full", "RESOLUTION": 64, "MAX_TRAIN_STEPS": 16, "LEARNING_RATE": 1e-3, "NUM_CLASS_IMAGES": 2,
         "CLASS_INFERENCE_STEPS": 2, "TRAIN_TEXT_ENCODER": True, "MIXED_PRECISION": "no", "USE_8BIT_ADAM": False,
-        "GRADIENT_CHECKPOINTING": True, "CHECKPOINTING_STEPS": 4, "VALIDATION_STEPS": 4,
+        "GRADIENT_CHECKPOINTING": True, "CHECKPOINTING_STEPS": 4, "VALIDATION_STEPS": 8,
         "VALIDATION_INFERENCE_STEPS": 2,
         "PROMPT": "a lighthouse in yltcaxe artstyle", "NUM_IMAGES": 2, "SAMPLER_STEPS": 2, "EVAL_SEEDS": "0",
         "EVAL_PROMPTS": str(tmp_path / "subjects.txt"), "EVAL_CLIP": "none", "EVAL_DINO": "none",
@@ -88,7 +88,7 @@ def test_colab_notebook_runs_end_to_end_and_resumes(tmp_path, tiny_model, cache_
     assert "resuming from step-000004" in outputs[train_cell]
     assert (run / "model" / "model_index.json").is_file()
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))  # resumed: no step lost or repeated
+    assert steps == list(range(1, 17))  # resumed: no step lost or repeated
     assert "4 of 4 images usable" in "".join(outputs.values())
     assert "'yltcaxe' -> 4 BPE pieces" in "".join(outputs.values())
     generated = run.parent.parent / "generated"

@@ -277,7 +277,7 @@ class _Probe:
         self.jobs["class"] = [Job(f"{j.prompt}, {cfg.class_prompt}", j.seeds, j.subjects) for j in plain]
         self.jobs["drift"] = [Job(cfg.class_prompt, tuple(range(2000, 2000 + cfg.drift_seeds)), (("", ""),))]
         self.jobs["bare"] = [Job(cfg.instance_prompt, tuple(range(3000, 3000 + cfg.drift_seeds)), (("", ""),))]
-        self.pairs = heldout_pairs(cfg.heldout_subjects, cfg.heldout_colours, cfg.pair_count)
+        self.pairs = heldout_pairs(cfg.heldout_subjects, cfg.heldout_colours, cfg.pair_count) if cfg.pairs else []
         self.pair_seeds = list(range(5000, 5000 + cfg.pair_seeds))  # as scripts/proof_world_composition.py
         base = load_pipe(cfg.base_model)
         self.base_img = {name: generate_jobs(base, self.jobs[name], cfg.eval_steps, label=f"base: {name}")

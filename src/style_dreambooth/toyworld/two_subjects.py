@@ -41,6 +41,8 @@ Pair = tuple[tuple[str, str], tuple[str, str]]
 
 def heldout_pairs(subjects: tuple[str, ...], colours: tuple[str, ...], n: int = 8) -> list[Pair]:
     """``n`` (left, right) pairs of two different subjects in two different colours, spread over all."""
+    if len(subjects) < 2 or len(colours) < 2:
+        raise ValueError(f"two-subject pairs need two subjects and two colours, not {subjects} and {colours}")
     kinds = list(itertools.permutations(subjects, 2))
     hues = list(itertools.permutations(colours, 2))
     picks = [(kinds[(5 * i) % len(kinds)], hues[i % len(hues)]) for i in range(n)]
