@@ -51,8 +51,11 @@ def _assigned_names(source: str) -> set[str]:
 
 def _interrupt_after_first_checkpoint(config_file: Path, run: Path, env: dict) -> None:
     """Start the notebook's own training and Ctrl-C it once step 4's checkpoint is saved."""
+    # Ctrl-C must reach it even when this test runs in the background, where the shell ignores SIGINT
+    # and a child inherits that (Python then never raises KeyboardInterrupt).
     proc = subprocess.Popen([sys.executable, "-m", "style_dreambooth", "train", "--config", str(config_file)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     while not (run / "checkpoints" / "step-000004" / "training_state.pt").is_file():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
