@@ -206,11 +206,12 @@ def _regional_embeds(pipe, prompts: list[str], negative_prompt: str, n: int, gui
     """The prompts' embeddings side by side on the token axis (global first); the negative prompt's
     repeated as often, so both halves of guidance have the same shape."""
     cfg = guidance > 1
+    negatives = [negative_prompt] * n if negative_prompt else None
     positive, negative = [], None
-    for text in prompts:
-        pos, neg = pipe.encode_prompt([text] * n, pipe.device, 1, cfg, [negative_prompt] * n if negative_prompt else None)
+    for i, text in enumerate(prompts):
+        pos, neg = pipe.encode_prompt([text] * n, pipe.device, 1, cfg and i == 0, negatives)  # the negative once
         positive.append(pos)
-        negative = neg
+        negative = negative if neg is None else neg
     kwargs = {"prompt_embeds": torch.cat(positive, dim=1)}
     if cfg:
         kwargs["negative_prompt_embeds"] = torch.cat([negative] * len(prompts), dim=1)

@@ -77,8 +77,7 @@ def _from_single_file(path: Path, unet, dtype):
         state = load_file(str(path))
     except Exception:  # safetensors raises its own error types for a damaged header
         raise UserError(f"ControlNet file '{path}' is not a readable .safetensors file") from None
-    template = ControlNetModel.from_unet(unet)
-    state = convert_controlnet_checkpoint(state, dict(template.config))
+    state = convert_controlnet_checkpoint(state, dict(unet.config))  # the LDM layout's blocks follow the UNet's
     if "controlnet_cond_embedding.conv_in.weight" not in state:
         raise UserError(f"ControlNet file '{path}' holds no ControlNet weights (no conditioning embedding)")
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=_cond_channels(state))

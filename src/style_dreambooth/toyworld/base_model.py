@@ -99,6 +99,16 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float) -> None:
+    """One step of the toy world's trainers: set the learning rate, backpropagate, clip to norm 1, step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 # --------------------------------------------------------------------------- VAE
 
 
@@ -123,16 +133,11 @@ def train_vae(steps: int = 600, batch: int = 16, crop: int = 32, lr: float = 1e-
             if crop < 64:
                 i, j = (int(v) for v in rng.integers(0, 64 - crop + 1, 2) // 4 * 4)
                 x = x[:, :, i : i + crop, j : j + crop]
-            for g in opt.param_groups:
-                g["lr"] = _cosine_lr(step, steps, lr, 50)
             dist = vae.encode(x).latent_dist
             rec = vae.decode(dist.sample()).sample
             kl = dist.kl().mean() / x[0].numel()
             loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
+            optimizer_step(opt, loss, vae.parameters(), _cosine_lr(step, steps, lr, 50))
             if bar:
                 bar.update(0, completed=step + 1, info=f"loss {loss.item():.4f}")
             if step % 25 == 0:
@@ -233,12 +238,7 @@ def train_diffusion(
             if snr_gamma:
                 per_sample = per_sample * min_snr_weights(t, noise_sched.alphas_cumprod, snr_gamma, "epsilon")
             loss = per_sample.mean()
-            for group in opt.param_groups:
-                group["lr"] = _cosine_lr(step, steps, lr, warmup)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            optimizer_step(opt, loss, params, _cosine_lr(step, steps, lr, warmup))
             decay = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for name, m in (("unet", unet), ("text_encoder", text_encoder)):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..progress import progress_bar
 from . import assets_dir, base_model_dir
+from .base_model import optimizer_step
 from .data import to_array
 from .render import SIZE, random_scene, scene_layers, subject_mask
 from .styles import PRETRAIN_STYLES, apply_style, style_phrase
@@ -126,12 +127,7 @@ def train_controlnet(out: Path, *, steps: int = 3000, n_pairs: int = 6000, batch
             pred = unet(noisy, t, hidden[idx], down_block_additional_residuals=down,
                         mid_block_additional_residual=mid).sample
             loss = F.mse_loss(pred, noise)
-            for group in opt.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / 100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+            optimizer_step(opt, loss, net.parameters(), lr * min(1.0, (step + 1) / 100))
             if bar:
                 bar.update(0, completed=step + 1, info=f"loss {loss.item():.4f}")
             if step % 25 == 0:
