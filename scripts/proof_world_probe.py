@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from style_dreambooth.models.backbone import PromptEncoder
+from style_dreambooth.models.backbones import SD1, PromptEncoder
 from style_dreambooth.toyworld import experiment
 from style_dreambooth.toyworld.demo import demo_config
 from style_dreambooth.toyworld.experiment import ExperimentConfig, ExperimentMetrics, _load_run, _prepare, _Probe, run_curve
@@ -77,7 +77,7 @@ def curve(args) -> None:
 
 def _encode(pipe, prompt: str) -> torch.Tensor:
     with torch.no_grad():
-        return PromptEncoder(pipe.tokenizer, torch.device("cpu"))(pipe.text_encoder, [prompt])[0]
+        return PromptEncoder(SD1, [pipe.tokenizer], torch.device("cpu"))({"text_encoder": pipe.text_encoder}, [prompt]).hidden[0]
 
 
 def swap(args) -> None:

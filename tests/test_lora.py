@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from clihelp import run_cli, train_args
+from style_dreambooth.models.backbones import SD1
 
 
 def _np_image(pipe, prompt="a yltcaxe artstyle house", seed=3):
@@ -28,7 +29,7 @@ def test_file_loaded_by_diffusers_matches_fused_lora(tmp_path, tiny_model):
     ours = StableDiffusionPipeline.from_pretrained(tiny_model)
     cfg = TrainConfig(instance_dir=tmp_path, instance_prompt="yltcaxe artstyle", output_dir=tmp_path / "o",
                       method="lora", rank=4, lora_alpha=2.0)
-    lora = LoraTrainables(cfg, ours.unet, ours.text_encoder, "hash")
+    lora = LoraTrainables(cfg, SD1, ours.unet, {"text_encoder": ours.text_encoder}, "hash")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter: both factors non-zero
         for model in lora.modules.values():
@@ -115,7 +116,7 @@ def test_lora_config_defaults_and_groups(tmp_path, tiny_model):
     assert cfg.learning_rate == 1e-4 and cfg.rank == 4
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     cfg = cfg.model_copy(update={"text_encoder_lr": 3e-5})
-    groups = LoraTrainables(cfg, pipe.unet, pipe.text_encoder, "h").param_groups()
+    groups = LoraTrainables(cfg, SD1, pipe.unet, {"text_encoder": pipe.text_encoder}, "h").param_groups()
     assert [g["lr"] for g in groups] == [1e-4, 3e-5]
     assert all("lora_" in n for n, p in pipe.unet.named_parameters() if p.requires_grad)
     n_lora = sum(p.numel() for g in groups for p in g["params"])
@@ -123,9 +124,9 @@ def test_lora_config_defaults_and_groups(tmp_path, tiny_model):
 
     full = TrainConfig(instance_dir=tmp_path, instance_prompt="a b", output_dir=tmp_path, text_encoder_lr=2e-6)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-    assert [g["lr"] for g in FullTrainables(full, pipe.unet, pipe.text_encoder).param_groups()] == [1e-6, 2e-6]
+    assert [g["lr"] for g in FullTrainables(full, SD1, pipe.unet, {"text_encoder": pipe.text_encoder}).param_groups()] == [1e-6, 2e-6]
 
     bad = TrainConfig(instance_dir=tmp_path, instance_prompt="a b", output_dir=tmp_path, method="lora",
                       lora_targets=["nothing_here"])
     with pytest.raises(UserError, match="nothing_here"):
-        LoraTrainables(bad, pipe.unet, pipe.text_encoder, "h")
+        LoraTrainables(bad, SD1, pipe.unet, {"text_encoder": pipe.text_encoder}, "h")

@@ -100,12 +100,21 @@ def test_find_identifier():
 # --------------------------------------------------------------------------- random models
 
 
-def test_sd15_parameter_counts_on_meta_device():
+FULL_SHAPES = {  # the published models' parameter counts
+    "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sd21": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(FULL_SHAPES))
+def test_full_shapes_have_the_published_parameter_counts_on_meta_device(shape):
     with torch.device("meta"):
-        parts = build_random_components("sd15")
-    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
-    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
-    assert all(p.device.type == "meta" for m in parts.values() for p in m.parameters())
+        parts = build_random_components(shape)
+    networks = {name: m for name, m in parts.items() if isinstance(m, torch.nn.Module)}
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in networks.items()}
+    assert counts == FULL_SHAPES[shape]
+    assert all(p.device.type == "meta" for m in networks.values() for p in m.parameters())
 
 
 def test_random_pipeline_is_deterministic():

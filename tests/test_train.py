@@ -152,7 +152,11 @@ def test_defaults_are_the_reference_configuration():
     cfg = TrainConfig(instance_dir="x", instance_prompt="yltcaxe artstyle", output_dir="o")
     assert cfg.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (cfg.learning_rate, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps) == (1e-6, "constant", 0, 800)
-    assert (cfg.train_batch_size, cfg.resolution, cfg.num_class_images, cfg.sample_batch_size) == (1, 512, 50, 4)
+    from style_dreambooth.training.inputs import resolve_family
+
+    resolved = resolve_family(cfg)  # the SD 1.5 hub id, not cached here: the SD 1.x family
+    assert (cfg.backbone, resolved.backbone, cfg.resolution) == ("auto", "sd1", None)
+    assert (cfg.train_batch_size, resolved.resolution, cfg.num_class_images, cfg.sample_batch_size) == (1, 512, 50, 4)
     assert cfg.with_prior_preservation and cfg.prior_loss_weight == 1.0
     assert cfg.train_text_encoder and cfg.use_8bit_adam and cfg.seed == 1337
 

@@ -48,6 +48,13 @@ class TrainConfig(BaseModel):
         None, description="Diffusers folder or hub id whose config a single-file base model uses."
     )
     allow_pickle: bool = Field(False, description="Allow loading pickle (.ckpt/.bin) base models.")
+    backbone: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
+        "auto", description="Model family: auto (read from the model's files), sd1, sd2 or sdxl."
+    )
+    vae: str | None = Field(
+        None, description="A replacement VAE (diffusers folder or hub id), e.g. SDXL's fp16-fixed VAE; "
+        "without one SDXL's own VAE stays in fp32 (it overflows in fp16).",
+    )
 
     # Data and prompts
     instance_dir: Path = Field(
@@ -98,6 +105,12 @@ class TrainConfig(BaseModel):
     text_encoder_lr: float | None = Field(
         None, gt=0.0, description="Text-encoder learning rate; default: --learning-rate."
     )
+    train_text_encoder_2: bool | None = Field(
+        None, description="SDXL: train the second text encoder (OpenCLIP bigG); default: as --train-text-encoder."
+    )
+    text_encoder_2_lr: float | None = Field(
+        None, gt=0.0, description="SDXL: the second text encoder's learning rate; default: --text-encoder-lr."
+    )
     lr_scheduler: LrScheduler = Field("constant", description="Learning-rate schedule.")
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
     max_train_steps: int = Field(800, ge=1, description="Optimizer steps to train.")
@@ -113,7 +126,10 @@ class TrainConfig(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
         None, description="no, fp16 or bf16; default fp16 on a CUDA GPU, no on CPU."
     )
-    resolution: int = Field(512, ge=64, description="Training resolution in pixels (square).")
+    resolution: int | None = Field(
+        None, ge=64, description="Training resolution in pixels (square); default: the backbone's "
+        "(512 SD 1.x, 768 SD 2.x, 1024 SDXL).",
+    )
     center_crop: bool = Field(False, description="Center-crop instead of random crop.")
     seed: int = Field(1337, ge=0, le=MAX_SEED, description="One seed for data order, noise, timesteps and validation.")
     output_dir: Path = Field(..., description="Run folder.")
@@ -188,8 +204,8 @@ class TrainConfig(BaseModel):
 
     @field_validator("resolution")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
             raise ValueError(f"must be a multiple of 8 (the VAE's scale), e.g. {value // 8 * 8}")
         return value
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..models.backbones.base import ImageSize
 from .images import load_image, read_caption
 
 
@@ -62,7 +63,9 @@ class ImageBank:
         self.examples = examples
         self.resolution = resolution
         self.name = name
-        self._images = [self._resize(load_image(e.path)) for e in examples]
+        loaded = [load_image(e.path) for e in examples]
+        self.original_sizes = [(image.height, image.width) for image in loaded]
+        self._images = [self._resize(image) for image in loaded]
 
     def _resize(self, image: Image.Image) -> np.ndarray:
         w, h = image.size
@@ -112,6 +115,11 @@ class Crop:
     def pixels(self) -> torch.Tensor:
         return self.bank.pixels(self)
 
+    def size(self) -> ImageSize:
+        """The image's size before resizing and where the crop lies (SDXL's micro-conditioning)."""
+        r = self.bank.resolution
+        return ImageSize(self.bank.original_sizes[self.index], (self.top, self.left), (r, r))
+
 
 class SampleOrder:
     """Epoch-wise shuffled order over a bank; sample number k -> (index, crop rng)."""
@@ -149,6 +157,9 @@ class Batch:
     def pixels(self) -> torch.Tensor:
         """(B, 3, R, R) in [-1, 1]; built on demand, since cached latents make it unneeded."""
         return torch.stack([c.pixels() for c in self.crops])
+
+    def sizes(self) -> list[ImageSize]:
+        return [c.size() for c in self.crops]
 
 
 def make_batch(

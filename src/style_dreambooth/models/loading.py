@@ -1,4 +1,7 @@
-"""Load a Stable Diffusion 1.x base model from a diffusers folder, a single file or a Hub id.
+"""Load a base model of any known family from a diffusers folder, a single file or a Hub id.
+
+The family (see models/backbones) is read from the files: model_index.json for a folder or a cached
+Hub id, the tensor names for a single file; its module names the pipeline class to build.
 
 Every problem the user can fix (missing path, wrong folder, pickle checkpoint, model not in the
 local Hugging Face cache while offline) becomes a one-sentence :class:`UserError`.
@@ -18,9 +21,9 @@ from typing import Any, Mapping
 import huggingface_hub
 import huggingface_hub.constants
 import torch
-from diffusers import StableDiffusionPipeline
 
 from ..errors import UserError
+from .backbones import Backbone, family_of_folder, family_of_single_file, get, resolve_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +132,10 @@ def _is_diffusers_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
 
-def _common_kwargs(torch_dtype: torch.dtype | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+def _common_kwargs(backbone: type[Backbone], torch_dtype: torch.dtype | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if "safety_checker" in backbone.pipeline_class()._optional_components:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if torch_dtype is not None:
         # diffusers >= 0.36 renamed torch_dtype to dtype (torch_dtype warns as deprecated).
         kwargs["dtype"] = torch_dtype
@@ -147,8 +152,11 @@ def load_pipeline(
     torch_dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
     single_file_config: str | None = None,
-) -> StableDiffusionPipeline:
-    """Load an SD 1.x pipeline (safety checker off) from a folder, a single file or a Hub id.
+    backbone: str = "auto",
+):
+    """Load a pipeline (safety checker off) from a folder, a single file or a Hub id.
+
+    ``backbone`` (auto, sd1, sd2, sdxl) must agree with what the files say when they say it.
 
     * an existing folder must be a diffusers folder (with ``model_index.json``);
     * a ``.safetensors`` file is loaded with ``from_single_file``; its component configs come
@@ -164,9 +172,9 @@ def load_pipeline(
     path = Path(base_model).expanduser()
 
     if path.is_dir():
-        return _load_folder(path, torch_dtype)
+        return _load_folder(path, torch_dtype, backbone)
     if path.is_file():
-        return _load_single_file(path, torch_dtype, allow_pickle, single_file_config, revision, offline)
+        return _load_single_file(path, torch_dtype, allow_pickle, single_file_config, revision, offline, backbone)
     if path.exists():
         raise UserError(
             f"base model '{base_model}' is neither a folder nor a file; pass a diffusers folder or a .safetensors file"
@@ -178,40 +186,59 @@ def load_pipeline(
             f"base model '{base_model}' is neither an existing path nor a valid Hugging Face Hub id; "
             "pass a Hub id such as 'owner/name', a diffusers folder or a .safetensors file"
         )
-    return _load_hub(base_model, revision, torch_dtype, offline)
+    return _load_hub(base_model, revision, torch_dtype, offline, backbone)
 
 
-def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> StableDiffusionPipeline:
+def _checked(requested: str, found: type[Backbone], base_model: object) -> type[Backbone]:
+    """The family the files name, refused when --backbone names another."""
+    if requested not in ("auto", found.family):
+        get(requested)  # an unknown name is its own error
+        raise UserError(
+            f"--backbone {requested} contradicts the base model '{base_model}', which is {found.family} "
+            f"({found.title}); drop --backbone or pass --backbone {found.family}"
+        )
+    return found
+
+
+def _load_folder(path: Path, torch_dtype: torch.dtype | None, backbone: str = "auto"):
     if not _is_diffusers_folder(path):
         raise UserError(
             f"base model folder '{path}' is not a diffusers model folder (it has no model_index.json); "
             "pass a diffusers folder, a .safetensors file or a Hub id"
         )
+    family = _checked(backbone, family_of_folder(path), path)
     try:
         with _offline_guard(True):  # a local folder never needs the Hub
-            return StableDiffusionPipeline.from_pretrained(str(path), **_common_kwargs(torch_dtype))
+            return family.pipeline_class().from_pretrained(str(path), **_common_kwargs(family, torch_dtype))
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
             f"base model folder '{path}' could not be loaded ({_first_line(exc)}); check that it is a complete "
-            "Stable Diffusion 1.x diffusers folder"
+            f"{family.title} diffusers folder"
         ) from exc
 
 
-def _check_is_sd_checkpoint(path: Path) -> None:
-    """Refuse a .safetensors file that is unreadable or holds no SD UNet (a LoRA, an embedding, a VAE)."""
+def single_file_keys(path: Path) -> set[str]:
+    """The tensor names of a .safetensors file; a one-line error if it cannot be read."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+            return set(f.keys())
     except Exception:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
         raise UserError(f"base model file '{path}' is not a readable .safetensors file (damaged or truncated?)") from None
+
+
+def single_file_family(path: Path) -> type[Backbone]:
+    """The family of a .safetensors checkpoint; refused if it is unreadable or holds no SD UNet (a LoRA,
+    an embedding, a VAE)."""
+    keys = single_file_keys(path)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         kind = "a LoRA (pass it to generate --lora)" if any(k.startswith("lora_") for k in keys) else "not a full model"
         raise UserError(
             f"base model file '{path}' holds no Stable Diffusion UNet weights: it is {kind}; "
-            "pass a full SD 1.x checkpoint, a diffusers folder or a Hub id"
+            "pass a full checkpoint, a diffusers folder or a Hub id"
         )
+    return family_of_single_file(keys, f"base model file '{path}'")
 
 
 def _load_single_file(
@@ -221,7 +248,8 @@ def _load_single_file(
     single_file_config: str | None,
     revision: str | None,
     offline: bool,
-) -> StableDiffusionPipeline:
+    backbone: str = "auto",
+):
     suffix = path.suffix.lower()
     if suffix in PICKLE_EXTENSIONS:
         if not allow_pickle:
@@ -236,9 +264,9 @@ def _load_single_file(
             "pass a .safetensors file, a diffusers folder or a Hub id"
         )
 
-    if suffix in SAFETENSORS_EXTENSIONS:
-        _check_is_sd_checkpoint(path)
-    kwargs = _common_kwargs(torch_dtype)
+    family = _checked(backbone, single_file_family(path), path) if suffix in SAFETENSORS_EXTENSIONS else get(
+        "sd1" if backbone == "auto" else backbone)
+    kwargs = _common_kwargs(family, torch_dtype)
     config = single_file_config
     if config is not None:
         config_path = Path(config).expanduser()
@@ -259,7 +287,7 @@ def _load_single_file(
 
     try:
         with _offline_guard(offline):
-            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+            return family.pipeline_class().from_single_file(str(path), **kwargs)
     except Exception as exc:
         if _caused_by(exc, _hub_access_error_types()):
             logger.debug("single-file config lookup failed: %s", exc)
@@ -274,23 +302,22 @@ def _load_single_file(
             "SingleFileComponentError",
         ):
             raise UserError(
-                f"base model file '{path}' could not be loaded ({_first_line(exc)}); check that it is a Stable "
-                "Diffusion 1.x checkpoint and that --base-config matches its architecture"
+                f"base model file '{path}' could not be loaded ({_first_line(exc)}); check that it is a "
+                f"{family.title} checkpoint and that --base-config matches its architecture"
             ) from exc
         raise
 
 
-def _load_hub(
-    hub_id: str, revision: str | None, torch_dtype: torch.dtype | None, offline: bool
-) -> StableDiffusionPipeline:
-    kwargs = _common_kwargs(torch_dtype)
+def _load_hub(hub_id: str, revision: str | None, torch_dtype: torch.dtype | None, offline: bool, backbone: str = "auto"):
+    family = resolve_backbone(backbone, hub_id, revision)
+    kwargs = _common_kwargs(family, torch_dtype)
     if revision is not None:
         kwargs["revision"] = revision
     if offline:
         kwargs["local_files_only"] = True
     try:
         with _offline_guard(offline):
-            return StableDiffusionPipeline.from_pretrained(hub_id, **kwargs)
+            return family.pipeline_class().from_pretrained(hub_id, **kwargs)
     except Exception as exc:
         if not _caused_by(exc, (OSError, *_hub_access_error_types())):
             raise
@@ -368,12 +395,38 @@ def model_identity(base_model: str, revision: str | None = None) -> dict[str, An
     return identity
 
 
-def load_run_base(config: Mapping[str, Any], torch_dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
-    """The base model a run was trained from, given its config (a TrainConfig dump or config.yaml)."""
-    return load_pipeline(
+def load_run_base(config: Mapping[str, Any], torch_dtype: torch.dtype | None = None):
+    """The base model a run was trained from, given its config (a TrainConfig dump or config.yaml),
+    with the run's --vae in place of the model's own."""
+    pipe = load_pipeline(
         config["base_model"],
         revision=config.get("revision"),
         torch_dtype=torch_dtype,
         allow_pickle=bool(config.get("allow_pickle")),
         single_file_config=config.get("base_config"),
+        backbone=config.get("backbone") or "auto",
     )
+    if config.get("vae"):
+        pipe.vae = load_vae(str(config["vae"]), torch_dtype)
+    return pipe
+
+
+def load_vae(vae: str, torch_dtype: torch.dtype | None = None):
+    """A replacement VAE (e.g. SDXL's fp16-fixed one) from a diffusers folder or a cached Hub id."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    where = str(path) if path.exists() else vae
+    kwargs: dict[str, Any] = {} if torch_dtype is None else {"dtype": torch_dtype}
+    if path.is_dir() and (path / "vae" / "config.json").is_file():
+        kwargs["subfolder"] = "vae"
+    if hub_offline():
+        kwargs["local_files_only"] = True
+    try:
+        with _offline_guard(hub_offline() or path.exists()):
+            return AutoencoderKL.from_pretrained(where, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a bad --vae
+        raise UserError(
+            f"--vae '{vae}' could not be loaded as a VAE ({_first_line(exc)}); pass a diffusers VAE folder "
+            "(with config.json) or a cached Hub id"
+        ) from exc

@@ -1,14 +1,10 @@
-"""Stable Diffusion 1.x pipelines with random weights, for tests and offline dry runs.
+"""Pipelines of any known family with random weights, for tests and offline dry runs.
 
-Two shapes:
-
-* ``"sd15"``: exactly SD 1.5's architecture (UNet ~859.5M, VAE ~83.65M, CLIP ViT-L/14 text
-  tower ~123.06M parameters), useful to check memory and speed on a GPU without downloading.
-* ``"tiny"``: the same structure (cross-attention UNet with a plain down/up block, KL VAE,
-  CLIP text transformer, real 49408-token tokenizer) shrunk so that a training step of a batch
-  of two 64 px images takes a fraction of a second on a CPU.
-
-Both use the real SD 1.x tokenizer and SD 1.5's scheduler configuration.
+Each family declares its shapes (models/backbones): the full architectures (``sd15``, ``sd21``,
+``sdxl``: exact parameter counts, to check memory and speed on a GPU without downloading) and
+miniatures (``tiny``, ``sd2-tiny``, ``sdxl-tiny``: the same structure shrunk so that a training
+step of a batch of two 64 px images takes a fraction of a second on a CPU). All use the real CLIP
+tokenizer and SD's noise schedule.
 """
 
 from __future__ import annotations
@@ -18,23 +14,22 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..errors import UserError
 from ..files import give_usual_modes
-from .tokenizer import VOCAB_SIZE, build_clip_tokenizer, write_vocab_files
+from .backbones import FAMILIES, shape_family
+from .backbones.random_parts import BOS_TOKEN_ID, EOS_TOKEN_ID
+from .tokenizer import write_vocab_files
 
 logger = logging.getLogger(__name__)
 
-Shape = Literal["tiny", "sd15"]
-SHAPES: tuple[str, ...] = ("tiny", "sd15")
-
-BOS_TOKEN_ID = 49406
-EOS_TOKEN_ID = 49407
+Shape = str
+__all__ = ["BOS_TOKEN_ID", "EOS_TOKEN_ID", "SHAPES", "build_random_components", "build_random_pipeline",
+           "save_random_model", "scheduler_config"]
+SHAPES: tuple[str, ...] = tuple(s for b in FAMILIES.values() for s in b.shapes)
 
 
 def scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
@@ -56,122 +51,18 @@ def scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
     }
 
 
-def unet_config(shape: Shape) -> dict[str, Any]:
-    """Arguments of :class:`UNet2DConditionModel` for a shape."""
-    common: dict[str, Any] = {
-        "in_channels": 4,
-        "out_channels": 4,
-        "center_input_sample": False,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "act_fn": "silu",
-        "norm_eps": 1e-5,
-    }
-    if shape == "sd15":
-        return {
-            **common,
-            "sample_size": 64,
-            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            "block_out_channels": (320, 640, 1280, 1280),
-            "layers_per_block": 2,
-            "norm_num_groups": 32,
-            "cross_attention_dim": 768,
-            "attention_head_dim": 8,  # diffusers' legacy name: SD 1.x has 8 heads per attention
-        }
-    if shape == "tiny":
-        return {
-            **common,
-            "sample_size": 32,
-            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-            "block_out_channels": (32, 64),
-            "layers_per_block": 1,
-            "norm_num_groups": 8,
-            "cross_attention_dim": 32,
-            "attention_head_dim": 2,
-        }
-    raise _bad_shape(shape)
-
-
-def vae_config(shape: Shape) -> dict[str, Any]:
-    """Arguments of :class:`AutoencoderKL` for a shape."""
-    if shape == "sd15":
-        n, channels, layers, groups, size = 4, (128, 256, 512, 512), 2, 32, 512
-    elif shape == "tiny":
-        n, channels, layers, groups, size = 2, (16, 32), 1, 8, 64
-    else:
-        raise _bad_shape(shape)
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * n,
-        "up_block_types": ("UpDecoderBlock2D",) * n,
-        "block_out_channels": channels,
-        "layers_per_block": layers,
-        "act_fn": "silu",
-        "latent_channels": 4,
-        "norm_num_groups": groups,
-        "sample_size": size,
-        "scaling_factor": 0.18215,
-    }
-
-
-def text_encoder_config(shape: Shape) -> CLIPTextConfig:
-    """:class:`CLIPTextConfig` for a shape (``sd15``: CLIP ViT-L/14's text tower)."""
-    if shape == "sd15":
-        hidden, intermediate, layers, heads, projection = 768, 3072, 12, 12, 768
-    elif shape == "tiny":
-        hidden, intermediate, layers, heads, projection = 32, 37, 2, 4, 32
-    else:
-        raise _bad_shape(shape)
-    return CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        projection_dim=projection,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        attention_dropout=0.0,
-        dropout=0.0,
-        initializer_range=0.02,
-        initializer_factor=1.0,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=EOS_TOKEN_ID,
-    )
-
-
-def _bad_shape(shape: object) -> UserError:
-    return UserError(f"unknown random model shape {shape!r}; use one of: {', '.join(SHAPES)}")
-
-
-def build_random_components(shape: Shape) -> dict[str, torch.nn.Module]:
-    """The three networks (unet, vae, text_encoder) with freshly initialised weights.
+def build_random_components(shape: Shape) -> dict[str, Any]:
+    """The networks and tokenizers of a shape with freshly initialised weights.
 
     Seeds nothing itself, and respects an active ``torch.device`` context, so
-    ``with torch.device("meta"): build_random_components("sd15")`` counts parameters for free.
+    ``with torch.device("meta"): build_random_components("sdxl")`` counts parameters for free.
     """
-    if shape not in SHAPES:
-        raise _bad_shape(shape)
-    unet = UNet2DConditionModel(**unet_config(shape))
-    vae = AutoencoderKL(**vae_config(shape))
-    text_encoder = CLIPTextModel(text_encoder_config(shape))
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    return shape_family(shape).shapes[shape]()
 
 
-def build_random_pipeline(
-    shape: Shape, seed: int = 0, prediction_type: str = "epsilon"
-) -> StableDiffusionPipeline:
-    """A :class:`StableDiffusionPipeline` with random weights, deterministic in ``seed``."""
-    if shape not in SHAPES:
-        raise _bad_shape(shape)
+def build_random_pipeline(shape: Shape, seed: int = 0, prediction_type: str = "epsilon"):
+    """The family's pipeline with random weights, deterministic in ``seed``."""
+    family = shape_family(shape)
     if prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(
             f"unknown prediction type {prediction_type!r}; use 'epsilon' or 'v_prediction'"
@@ -181,18 +72,18 @@ def build_random_pipeline(
         torch.manual_seed(seed)
         parts = build_random_components(shape)
     for module in parts.values():
-        module.eval()
-    scheduler = PNDMScheduler.from_config(scheduler_config(prediction_type))
-    return StableDiffusionPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=build_clip_tokenizer(),
-        unet=parts["unet"],
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    # SDXL ships with Euler; SD 1.x and 2.x with PNDM. Either reads the other's config.
+    scheduler_class = EulerDiscreteScheduler if family.family == "sdxl" else PNDMScheduler
+    scheduler = scheduler_class.from_config(scheduler_config(prediction_type))
+    pipeline_class = family.pipeline_class()
+    extra = {}
+    if "safety_checker" in pipeline_class._optional_components:
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return pipeline_class(**parts, scheduler=scheduler, **extra)
 
 
 def _is_nonempty_dir(path: Path) -> bool:
@@ -231,7 +122,9 @@ def save_random_model(
         pipe = build_random_pipeline(shape, seed=seed, prediction_type=prediction_type)
         pipe.save_pretrained(tmp_dir, safe_serialization=True)
         # transformers 5 saves only tokenizer.json; add the classic files for older readers.
-        write_vocab_files(tmp_dir / "tokenizer")
+        for name in pipe.components:
+            if name.startswith("tokenizer"):
+                write_vocab_files(tmp_dir / name)
         give_usual_modes(tmp_dir)  # mkdtemp and safetensors make them private (0700, 0600)
         _move_into_place(tmp_dir, out_dir)
     except BaseException:

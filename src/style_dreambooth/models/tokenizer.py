@@ -106,12 +106,13 @@ def write_vocab_files(directory: Path) -> tuple[Path, Path]:
     return vocab_path, merges_path
 
 
-def build_clip_tokenizer(save_dir: Path | None = None) -> CLIPTokenizer:
+def build_clip_tokenizer(save_dir: Path | None = None, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     """Build SD 1.x's CLIP tokenizer from the bundled BPE file, without any download.
 
     With ``save_dir``, the tokenizer is saved there (``save_pretrained``) together with
     ``vocab.json`` and ``merges.txt``, so the folder is a normal diffusers ``tokenizer/`` folder
-    that both transformers 5 (``tokenizer.json``) and 4.x slow tokenizers can read.
+    that both transformers 5 (``tokenizer.json``) and 4.x slow tokenizers can read. SDXL's second
+    tokenizer pads with ``"!"`` instead of the end token.
     """
     tokens, merges = _vocab_and_merges()
     # transformers 5's CLIPTokenizer ignores vocab_file/merges_file in its constructor (only
@@ -123,7 +124,7 @@ def build_clip_tokenizer(save_dir: Path | None = None) -> CLIPTokenizer:
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
+        pad_token=pad_token,
         model_max_length=MODEL_MAX_LENGTH,
     )
     if save_dir is not None:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..files import make_output_dir
-from ..models.backbone import assemble_pipeline
+from ..models.backbones import backbone_of
 from ..models.loading import load_pipeline, load_run_base
 from ..progress import progress_bar
 from ..run_layout import LORA_FILE, best_checkpoint_spec, resolve_checkpoint
@@ -59,12 +59,11 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
     if (folder / LORA_FILE).is_file():
         base.load_lora_weights(str(folder / LORA_FILE), adapter_name="run")
         return base, label
-    ckpt = folder
-    unet = type(base.unet).from_pretrained(ckpt / "unet", dtype=dtype)
-    text_encoder = base.text_encoder
-    if (ckpt / "text_encoder").is_dir():
-        text_encoder = type(base.text_encoder).from_pretrained(ckpt / "text_encoder", dtype=dtype)
-    return assemble_pipeline(base, unet, text_encoder), label
+    backbone = backbone_of(base)
+    unet = type(base.unet).from_pretrained(folder / "unet", dtype=dtype)
+    text_encoders = {name: type(module).from_pretrained(folder / name, dtype=dtype)
+                     for name, module in backbone.text_encoders(base).items() if (folder / name).is_dir()}
+    return backbone.assemble(base, unet, text_encoders), label
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:

@@ -1,7 +1,10 @@
 """The one training loop: DreamBooth with prior preservation, read top to bottom.
 
-Order of work: check inputs (before anything heavy) -> class images -> models -> optimizer ->
-steps (log, sample, checkpoint) -> final model. Only the main process writes files.
+`_train` runs six phases: setup (inputs, run folder, accelerator) -> data (instance and class
+images) -> models (the family's modules, latents, what trains) -> optimiser (and a resumed state)
+-> loop (steps: log, sample, checkpoint) -> save (the final model). Everything that differs between
+model families is behind `models.backbones`; nothing here names a family. Only the main process
+writes files.
 """
 
 from __future__ import annotations
@@ -12,204 +15,47 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from ..config import TrainConfig
-from ..data.class_cache import ClassImageSpec, default_cache_root, ensure_class_images
-from ..data.dataset import (
-    Example, ImageBank, SampleOrder, class_examples, class_prompts_for, instance_examples, make_batch, sample_numbers,
-)
-from ..data.images import IMAGE_EXTENSIONS, list_images
+from ..data.dataset import Example, ImageBank, SampleOrder, instance_examples, make_batch, sample_numbers
+from ..data.images import list_images
 from ..data.latent_cache import LatentEncoder
 from ..errors import UserError
 from ..files import disk_full_is_user_error, make_output_dir
 from ..locks import hold_folder
-from ..models.backbone import PromptEncoder, assemble_pipeline, prediction_type
+from ..models.backbones import Backbone, PromptEncoder, get, prediction_type
 from ..models.loading import load_run_base, model_identity
-from ..models.tokenizer import (
-    analyze_identifier, check_instance_prompt_fits, find_identifier, format_identifier_report, warn_if_truncated,
-)
+from ..models.tokenizer import analyze_identifier, find_identifier, format_identifier_report
 from ..progress import progress_bar
 from ..sampling.generate import sample
 from ..sampling.images import make_grid, make_scheduler, save_png
 from .checkpoints import (
     check_checkpoint_method, checkpoint_name, load_training_state, resolve_checkpoint, save_checkpoint, state_bytes,
 )
-from .memory import check_fits_in_memory
+from .class_images import class_image_examples
+from .inputs import (  # noqa: F401 - check_resume_config is part of this module's interface
+    absolute_paths, check_prompt_lengths, check_resume_config, generated_class_prompts, resolve_class_prompt,
+    resolve_family, resolve_mixed_precision, trained_timesteps,
+)
 from .loss import diffusion_target, dreambooth_loss
+from .memory import check_fits_in_memory
 from .optim import make_lr_scheduler, make_optimizer
-from .trainables import lora_targets, make_trainables
 from .run_folder import RunFolder
+from .trainables import Trainables, lora_targets, make_trainables
 
 log = logging.getLogger(__name__)
 
 
-def resolve_mixed_precision(requested: str | None, cuda: bool) -> str:
-    if requested is None:
-        return "fp16" if cuda else "no"
-    if requested == "fp16" and not cuda:
-        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UserError("--mixed-precision bf16 is not supported by this GPU (e.g. a T4 or V100); use fp16")
-    return requested
-
-
-# Keys that must not change when a run is resumed: they shape the weights, optimizer or data order.
-RESUME_FIXED_KEYS = (
-    "base_model", "method", "rank", "lora_alpha", "lora_targets", "train_text_encoder", "use_8bit_adam",
-    "seed", "train_batch_size", "gradient_accumulation_steps", "resolution", "center_crop",
-    "with_prior_preservation", "instance_prompt",
-    # the optimizer and schedule state come from the checkpoint, so a new value would be ignored
-    "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
-)
-
-
-def check_resume_config(run: RunFolder, cfg: TrainConfig) -> None:
-    """Refuse a resume whose settings contradict the run's config.yaml."""
-    if not run.config.is_file():
-        return
-    saved = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
-    now = cfg.to_yaml_dict()
-    for key in RESUME_FIXED_KEYS:
-        if key in saved and saved[key] != now.get(key):
-            raise UserError(
-                f"cannot resume '{run.root}': {key} is {saved[key]!r} in its config.yaml but {now.get(key)!r} now; "
-                "resume with the same value or start a new run"
-            )
-
-
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local paths made absolute, so the run's config.yaml works from any directory."""
-    update: dict = {}
-    for key in ("instance_dir", "class_dir", "output_dir"):
-        value = getattr(cfg, key)
-        if value is not None:
-            update[key] = Path(value).expanduser().absolute()
-    for key in ("base_model", "base_config"):
-        value = getattr(cfg, key)
-        if value and Path(value).expanduser().exists():
-            update[key] = str(Path(value).expanduser().absolute())
-    return cfg.model_copy(update=update)
-
-
-def resolve_class_prompt(cfg: TrainConfig) -> str:
-    """The class prompt, or the instance prompt without its leading identifier word."""
-    if cfg.class_prompt:
-        return cfg.class_prompt
-    words = cfg.instance_prompt.split()
-    if len(words) < 2:
-        raise UserError(
-            f"cannot derive a class prompt from instance prompt '{cfg.instance_prompt}'; pass --class-prompt "
-            "(e.g. 'artstyle') or --no-prior-preservation"
-        )
-    derived = " ".join(words[1:])
-    log.info("class prompt not given; using '%s' (the instance prompt without '%s')", derived, words[0])
-    return derived
-
-
-def trained_timesteps(cfg: TrainConfig, total: int) -> tuple[int, int]:
-    """[low, high) of the timesteps drawn for training."""
-    high = total if cfg.max_timestep is None else cfg.max_timestep
-    if high > total:
-        raise UserError(f"--max-timestep {high} is beyond the base model's {total} noise timesteps")
-    return cfg.min_timestep, high
-
-
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + micro * 104_729 + rank * 15_485_863) % (2**63)
-
-
-def _has_top_level_images(folder: Path) -> bool:
-    return folder.is_dir() and any(
-        p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.iterdir()
-    )
-
-
-def generated_class_prompts(cfg: TrainConfig, class_prompt: str, instances: list[Example]) -> tuple[str, ...]:
-    """With --class-prompts-from-captions, one class prompt per instance caption; else none (the class prompt)."""
-    if not cfg.class_prompts_from_captions:
-        return ()
-    prompts = class_prompts_for(instances, cfg.instance_prompt, class_prompt)
-    if prompts == (class_prompt,):
-        raise UserError(
-            f"--class-prompts-from-captions needs .txt captions next to the instance images; none in '{cfg.instance_dir}'"
-        )
-    return prompts
-
-
-def class_image_examples(
-    cfg: TrainConfig, class_prompt: str, prompts: tuple[str, ...], accelerator: Accelerator, weight_dtype
-) -> list[Example]:
-    """Real class images given by the user, or cached images generated by the base model, with their prompts."""
-    if cfg.class_dir is not None and _has_top_level_images(cfg.class_dir):
-        paths = list_images(cfg.class_dir, role="class", min_size=64)
-        log.info("class images: using the %d images in %s as given", len(paths), cfg.class_dir)
-        if prompts:
-            log.warning("--class-prompts-from-captions does not apply: the given class images keep their own captions")
-        return class_examples(paths, class_prompt)
-    root = cfg.class_dir if cfg.class_dir is not None else default_cache_root()
-    spec = ClassImageSpec(
-        model=model_identity(cfg.base_model, cfg.revision),
-        prompt=class_prompt,
-        resolution=cfg.resolution,
-        inference_steps=cfg.class_inference_steps,
-        guidance_scale=cfg.class_guidance_scale,
-        sampler="dpm++",
-        seed=cfg.seed,
-        prompts=prompts,
-        batch_size=cfg.sample_batch_size,
-    )
-
-    def make_generator():
-        pipe = load_run_base(cfg.model_dump(), weight_dtype)
-        pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
-        pipe = pipe.to(accelerator.device)
-        pipe.set_progress_bar_config(disable=True)
-
-        def generate(prompt: str, seeds: list[int]):
-            return sample(
-                pipe, prompt, seeds, steps=cfg.class_inference_steps, guidance=cfg.class_guidance_scale,
-                width=cfg.resolution, height=cfg.resolution, batch_size=cfg.sample_batch_size,
-            )
-
-        return generate
-
-    if accelerator.is_main_process:
-        with progress_bar("class images", cfg.num_class_images) as bar:
-            def report(done: int, total: int) -> None:
-                if bar:
-                    bar.update(0, completed=done)
-
-            ensure_class_images(spec, cfg.num_class_images, root, make_generator, cfg.sample_batch_size, report)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    accelerator.wait_for_everyone()
-    paths = ensure_class_images(spec, cfg.num_class_images, root, make_generator, cfg.sample_batch_size)
-    return [Example(path, spec.prompt_for(i)) for i, path in enumerate(paths)]
-
-
-def check_prompt_lengths(
-    tokenizer, cfg: TrainConfig, class_prompt: str | None, class_prompts: tuple[str, ...],
-    instances: list[Example], identifier: str | None, warn: bool,
-) -> None:
-    """Refuse an instance prompt cut before its identifier; warn of every other prompt the text encoder cuts."""
-    labelled = {"the instance prompt": cfg.instance_prompt}
-    labelled.update({f"the prompt of '{e.path.name}' (with its caption)": e.prompt for e in instances})
-    for label, prompt in labelled.items():
-        check_instance_prompt_fits(tokenizer, label, prompt, class_prompt, identifier)
-    if not warn:
-        return
-    if class_prompt:
-        labelled["the class prompt"] = class_prompt
-    labelled.update({f"class prompt {i + 1}": p for i, p in enumerate(class_prompts)})
-    labelled.update({f"validation prompt {i + 1}": p for i, p in enumerate(cfg.validation_prompt)})
-    warn_if_truncated(tokenizer, labelled)
 
 
 def _is_main_process() -> bool:
@@ -223,7 +69,7 @@ def train(cfg: TrainConfig) -> Path:
     The run holds its folder's lock throughout. If the run fails or is stopped, the previous run
     it was replacing is put back whole; an output dir this call created and left empty is removed.
     """
-    cfg = absolute_paths(cfg)
+    cfg = resolve_family(absolute_paths(cfg))
     check_fits_in_memory(cfg)
     run = RunFolder(cfg.output_dir)
     created = not run.root.exists()
@@ -249,7 +95,79 @@ def train(cfg: TrainConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
+@dataclass
+class Setup:
+    """What the run settled before loading any model."""
+
+    cfg: TrainConfig
+    run: RunFolder
+    accelerator: Accelerator
+    weight_dtype: torch.dtype
+    class_prompt: str | None
+    instance_set: list[Example]
+    class_prompts: tuple[str, ...]
+    checkpoint: Path | None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class Base:
+    backbone: type[Backbone]
+    pipe: Any
+    text_encoders: dict[str, torch.nn.Module]
+    identifier: str | None
+
+
+@dataclass
+class Models:
+    """The family's modules on the device, what trains, and the noise schedule."""
+
+    backbone: type[Backbone]
+    base: Any  # the loaded pipeline; frozen parts are read from it
+    text_encoders: dict[str, torch.nn.Module]
+    trainables: Trainables
+    encoder: LatentEncoder
+    encode_prompts: PromptEncoder
+    noise_scheduler: Any
+    timestep_range: tuple[int, int]
+    alphas_cumprod: torch.Tensor
+    trained: dict[str, torch.nn.Module] = field(default_factory=dict)  # after accelerator.prepare
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.trained["unet"]
+
+    def current_text_encoders(self) -> dict[str, torch.nn.Module]:
+        """Each text encoder as the step uses it: the prepared module if it trains, the frozen one if not."""
+        return {name: self.trained.get(name, module) for name, module in self.text_encoders.items()}
+
+
+@dataclass
+class Optimisation:
+    optimizer: Any
+    lr_scheduler: Any
+    params: list[torch.nn.Parameter]
+    start_step: int
+
+
 def _train(cfg: TrainConfig) -> Path:
+    setup = set_up(cfg)
+    base = load_base(setup)
+    instances, classes = load_data(setup)
+    models = load_models(setup, base, instances, classes)
+    optimisation = make_optimisation(setup, models)
+    run_steps(setup, models, optimisation, instances, classes)
+    return save_model(setup, models, optimisation)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def set_up(cfg: TrainConfig) -> Setup:
+    """Check the inputs (before anything heavy), prepare the run folder, start accelerate."""
     cfg = absolute_paths(cfg)
     run = RunFolder(cfg.output_dir)
     resuming = cfg.resume_from_checkpoint is not None
@@ -277,270 +195,360 @@ def _train(cfg: TrainConfig) -> Path:
         # Rank 0 may spend a long time generating class images while the others wait.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))],
     )
-    main = accelerator.is_main_process
     if cuda and cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-    resolved = cfg.model_copy(update={"mixed_precision": mixed_precision, "class_prompt": class_prompt})
-    if main:
+    cfg = cfg.model_copy(update={"mixed_precision": mixed_precision, "class_prompt": class_prompt})
+    if accelerator.is_main_process:
         log.info(
-            "training %s on %d instance images -> %s (%s, %d process(es))",
-            cfg.base_model, len(instance_set), run.root, mixed_precision, accelerator.num_processes,
+            "training %s (%s) on %d instance images -> %s (%s, %d process(es))",
+            cfg.base_model, get(cfg.backbone).title, len(instance_set), run.root, mixed_precision,
+            accelerator.num_processes,
         )
+    return Setup(cfg, run, accelerator, weight_dtype, class_prompt, instance_set, class_prompts, checkpoint)
 
-    # Models. The base is loaded once in fp32; trained weights stay fp32 (autocast does the rest).
-    base = load_run_base(cfg.model_dump(), torch.float32)
-    tokenizer, vae, noise_config = base.tokenizer, base.vae, base.scheduler.config
-    timestep_range = trained_timesteps(cfg, noise_config["num_train_timesteps"])
+
+def load_base(setup: Setup) -> Base:
+    """The base model, loaded once in fp32 (trained weights stay fp32; autocast does the rest), and
+    the checks that need its modules or tokenizer, before the class images."""
+    cfg = setup.cfg
+    backbone = get(cfg.backbone)
+    pipe = load_run_base(cfg.model_dump(), torch.float32)
+    text_encoders = backbone.text_encoders(pipe)
     if cfg.method == "lora":
-        lora_targets(cfg, base.unet, base.text_encoder)
-    identifier = find_identifier(cfg.instance_prompt, class_prompt)
-    if cfg.text_encoder_scope == "identifier" and not identifier:
-        raise UserError(
-            f"--text-encoder-scope identifier: instance prompt '{cfg.instance_prompt}' has no identifier word "
-            f"that the class prompt '{class_prompt}' lacks"
-        )
-    check_prompt_lengths(tokenizer, cfg, class_prompt, class_prompts, instance_set, identifier, warn=main)
-    if identifier and main:
-        report = analyze_identifier(tokenizer, identifier)
-        (log.info if report.is_good else log.warning)(format_identifier_report(report))
+        lora_targets(cfg, backbone, pipe.unet, text_encoders)
+    return Base(backbone, pipe, text_encoders, _checked_identifier(setup, pipe.tokenizer))
 
+
+# --------------------------------------------------------------------------- data
+
+
+def load_data(setup: Setup) -> tuple[ImageBank, ImageBank | None]:
+    """The instance images, and the class images (given, cached or generated by the base model)."""
+    cfg = setup.cfg
     classes = None
     if cfg.with_prior_preservation:
-        class_set = class_image_examples(cfg, class_prompt, class_prompts, accelerator, weight_dtype)
+        class_set = class_image_examples(cfg, setup.class_prompt, setup.class_prompts, setup.accelerator,
+                                         setup.weight_dtype)
         classes = ImageBank(class_set, cfg.resolution, name="class")
-    instances = ImageBank(instance_set, cfg.resolution, name="instance")
+    return ImageBank(setup.instance_set, cfg.resolution, name="instance"), classes
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_models(setup: Setup, loaded: Base, instances: ImageBank, classes: ImageBank | None) -> Models:
+    """The latents of fixed crops encoded once, what trains chosen, frozen parts on the device."""
+    cfg, accelerator, weight_dtype = setup.cfg, setup.accelerator, setup.weight_dtype
+    device = accelerator.device
+    backbone, base, text_encoders, identifier = loaded.backbone, loaded.pipe, loaded.text_encoders, loaded.identifier
 
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler.from_config(noise_config)
-    pred_type = prediction_type(noise_scheduler)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
-
-    unet, text_encoder = base.unet, base.text_encoder
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    vae = base.vae
     vae.requires_grad_(False)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    encoder = LatentEncoder(vae, accelerator.device, weight_dtype, cache=cfg.cache_latents)
+    vae_dtype = torch.float32 if backbone.vae_needs_fp32 and not cfg.vae else weight_dtype
+    vae.to(device, dtype=vae_dtype)
+    encoder = LatentEncoder(vae, device, vae_dtype, cache=cfg.cache_latents)
     fixed = encoder.fixed_crops([instances] + ([classes] if classes is not None else []), cfg.center_crop)
     if fixed:
-        with progress_bar("caching latents", len(fixed), enabled=main) as bar:
+        with progress_bar("caching latents", len(fixed), enabled=setup.main) as bar:
             encoder.precompute(fixed, report=(lambda n: bar.update(0, completed=n)) if bar else None)
-    torch.manual_seed(cfg.seed)  # LoRA's initial weights
-    identifier_ids = tokenizer(identifier, add_special_tokens=False).input_ids if identifier else None
-    trainables = make_trainables(cfg, unet, text_encoder, model_identity(cfg.base_model, cfg.revision), identifier_ids)
-    if checkpoint is not None:
-        trainables.load_weights(checkpoint)
-    trainables.cast_frozen(weight_dtype)
-    if not cfg.train_text_encoder:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
-    if cfg.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
 
-    trained = dict(trainables.modules)
-    groups = trainables.param_groups()
+    torch.manual_seed(cfg.seed)  # LoRA's initial weights
+    identifier_ids = base.tokenizer(identifier, add_special_tokens=False).input_ids if identifier else None
+    trainables = make_trainables(cfg, backbone, base.unet, text_encoders, model_identity(cfg.base_model, cfg.revision),
+                                 identifier_ids)
+    if setup.checkpoint is not None:
+        trainables.load_weights(setup.checkpoint)
+    trainables.cast_frozen(weight_dtype)
+    for name, module in text_encoders.items():
+        if name not in trainables.modules:
+            module.to(device, dtype=weight_dtype)
+    if cfg.channels_last:
+        base.unet.to(memory_format=torch.channels_last)
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for name in trainables.modules:
+            if name != "unet":
+                text_encoders[name].gradient_checkpointing_enable()
+    return Models(
+        backbone, base, text_encoders, trainables, encoder,
+        PromptEncoder(backbone, backbone.tokenizers(base), device),
+        noise_scheduler, trained_timesteps(cfg, noise_scheduler.config["num_train_timesteps"]),
+        noise_scheduler.alphas_cumprod.to(device),
+    )
+
+
+def _checked_identifier(setup: Setup, tokenizer) -> str | None:
+    """The identifier word of the instance prompt, with the prompt checks that need the tokenizer."""
+    cfg = setup.cfg
+    identifier = find_identifier(cfg.instance_prompt, setup.class_prompt)
+    if cfg.text_encoder_scope == "identifier" and not identifier:
+        raise UserError(
+            f"--text-encoder-scope identifier: instance prompt '{cfg.instance_prompt}' has no identifier word "
+            f"that the class prompt '{setup.class_prompt}' lacks"
+        )
+    check_prompt_lengths(tokenizer, cfg, setup.class_prompt, setup.class_prompts, setup.instance_set, identifier,
+                         warn=setup.main)
+    if identifier and setup.main:
+        report = analyze_identifier(tokenizer, identifier)
+        (log.info if report.is_good else log.warning)(format_identifier_report(report))
+    return identifier
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def make_optimisation(setup: Setup, models: Models) -> Optimisation:
+    """The optimizer over the trained modules' parameter groups, prepared by accelerate; on a resume,
+    its state, the schedule's and the fp16 scaler's from the checkpoint. Writes the run's config.yaml."""
+    cfg, accelerator, run = setup.cfg, setup.accelerator, setup.run
+    groups = models.trainables.param_groups()
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(
         groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam,
     )
     lr_scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_train_steps)
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    trained = dict(zip(trained, prepared[:-1]))
+    names = list(models.trainables.modules)
+    prepared = accelerator.prepare(*models.trainables.modules.values(), optimizer)
+    models.trained = dict(zip(names, prepared[:-1]))
     optimizer = prepared[-1]
-    unet = trained["unet"]
-    text_encoder = trained.get("text_encoder", text_encoder)
-    # The compiled wrapper shares the UNet's weights; saving and validation use the plain module.
-    unet_step = torch.compile(unet) if cfg.compile else unet
 
     start_step = 0
-    if not resuming and main:
+    if setup.checkpoint is None and setup.main:
         run.set_aside_previous()  # put back if this run fails; dropped once its model is installed
-    if checkpoint is not None:
-        state = load_training_state(checkpoint)
-        # Implementation flags (fused, foreach) belong to this run, not the saved one: a checkpoint from
-        # before the fused optimizer would otherwise switch it off while the fp16 scaler still relies on it.
-        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])
-        for group, kept in zip(optimizer.param_groups, flags):
-            group.update(kept)
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if accelerator.scaler is not None and state.get("grad_scaler"):
-            accelerator.scaler.load_state_dict(state["grad_scaler"])
-        start_step = int(state["step"])
-        if start_step >= cfg.max_train_steps:
-            raise UserError(
-                f"checkpoint '{checkpoint}' is at step {start_step}, not before --max-train-steps "
-                f"{cfg.max_train_steps}; raise --max-train-steps to train further"
-            )
-        log.info("resumed from %s at step %d", checkpoint, start_step)
-        if main:
-            run.truncate_metrics(start_step)
-    if main:
-        run.write_config(resolved.to_yaml_dict())
+    if setup.checkpoint is not None:
+        start_step = _restore_state(setup, optimizer, lr_scheduler)
+    if setup.main:
+        run.write_config(cfg.to_yaml_dict())
         accelerator.init_trackers("style-dreambooth")
+    return Optimisation(optimizer, lr_scheduler, params, start_step)
 
-    instance_order = SampleOrder(len(instances), cfg.seed, stream=0)
-    class_order = SampleOrder(len(classes), cfg.seed, stream=1) if classes is not None else None
-    accum, world, rank = cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
-    validation_prompts = cfg.validation_prompt or [cfg.instance_prompt]
-    encode_prompts = PromptEncoder(tokenizer, accelerator.device)
 
-    def validate(step: int) -> None:
-        pipe = assemble_pipeline(base, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder))
-        pipe.vae, pipe.scheduler = vae, make_scheduler("dpm++", noise_config)
-        pipe.set_progress_bar_config(disable=True)
-        for m in trained.values():
-            m.eval()
-        images = []
-        with torch.no_grad(), accelerator.autocast():
-            for prompt in validation_prompts:
-                seeds = [cfg.seed + i for i in range(cfg.num_validation_images)]
-                images += sample(
-                    pipe, prompt, seeds, steps=cfg.validation_inference_steps,
-                    width=cfg.resolution, height=cfg.resolution,
-                )
-        for m in trained.values():
-            m.train()
-        run.samples.mkdir(exist_ok=True)
-        save_png(make_grid(images, cols=cfg.num_validation_images), run.samples / f"step-{step:06d}.png")
+def _restore_state(setup: Setup, optimizer, lr_scheduler) -> int:
+    """Load the optimizer, schedule and scaler states of the checkpoint; return its step."""
+    checkpoint, cfg, accelerator = setup.checkpoint, setup.cfg, setup.accelerator
+    state = load_training_state(checkpoint)
+    # Implementation flags (fused, foreach) belong to this run, not the saved one: a checkpoint from
+    # before the fused optimizer would otherwise switch it off while the fp16 scaler still relies on it.
+    flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if accelerator.scaler is not None and state.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    start_step = int(state["step"])
+    if start_step >= cfg.max_train_steps:
+        raise UserError(
+            f"checkpoint '{checkpoint}' is at step {start_step}, not before --max-train-steps "
+            f"{cfg.max_train_steps}; raise --max-train-steps to train further"
+        )
+    log.info("resumed from %s at step %d", checkpoint, start_step)
+    if setup.main:
+        setup.run.truncate_metrics(start_step)
+    return start_step
 
-    # Each step's losses stay on the device until the next flush: reading them back every step would
-    # make the host wait for the GPU each time. One line per step is still written.
-    pending: list[tuple[int, float, torch.Tensor]] = []
-    t_last = time.perf_counter()
 
-    def flush_metrics(bar) -> None:
-        nonlocal t_last
-        if not pending:
+# --------------------------------------------------------------------------- loop
+
+
+class MetricsLog:
+    """Each step's losses stay on the device until the next flush: reading them back every step would
+    make the host wait for the GPU each time. One line per step is still written."""
+
+    def __init__(self, setup: Setup, params: list[torch.nn.Parameter], with_prior: bool) -> None:
+        self.setup = setup
+        self.params = params
+        self.with_prior = with_prior
+        self.pending: list[tuple[int, float, torch.Tensor]] = []
+        self.t_last = time.perf_counter()
+
+    def add(self, step: int, lr: float, sums: torch.Tensor) -> None:
+        self.pending.append((step, lr, sums))
+
+    def flush(self, bar) -> None:
+        if not self.pending:
             return
-        values = accelerator.reduce(torch.stack([s for _, _, s in pending]), reduction="mean").tolist()
+        accelerator, run = self.setup.accelerator, self.setup.run
+        values = accelerator.reduce(torch.stack([s for _, _, s in self.pending]), reduction="mean").tolist()
         now = time.perf_counter()
-        rate = len(pending) / max(now - t_last, 1e-9)
+        rate = len(self.pending) / max(now - self.t_last, 1e-9)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        flushed = list(pending)
+        flushed = list(self.pending)
         for (step_no, lr, _), (loss, inst, prior_loss) in zip(flushed, values):
-            pending.pop(0)  # taken before it is written: an interrupted flush never writes a step twice
+            self.pending.pop(0)  # taken before it is written: an interrupted flush never writes a step twice
             record = {
                 "step": step_no, "loss": loss, "instance_loss": inst,
-                "prior_loss": prior_loss if classes is not None else None, "lr": lr, "it_per_s": rate,
+                "prior_loss": prior_loss if self.with_prior else None, "lr": lr, "it_per_s": rate,
             }
             if peak is not None:
                 record["gpu_mem_peak_gib"] = peak
-            if main:
+            if self.setup.main:
                 run.append_metrics(record)
                 accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step_no)
         if bar:
             bar.update(0, info=f"loss {values[-1][0]:.4f}")
-        t_last = now
+        self.t_last = now
         bad = next(((s, v[0]) for (s, _, _), v in zip(flushed, values) if not math.isfinite(v[0])), None)
         # A non-finite loss alone can be a skipped fp16 step; non-finite weights cannot recover.
-        if bad is not None and any(not bool(torch.isfinite(p).all()) for p in params):
+        if bad is not None and any(not bool(torch.isfinite(p).all()) for p in self.params):
             raise UserError(
                 f"training diverged at step {bad[0]}: the loss is {bad[1]} and the weights are no longer finite; "
-                f"start again with a lower --learning-rate (was {cfg.learning_rate:g}); no model was saved"
+                f"start again with a lower --learning-rate (was {self.setup.cfg.learning_rate:g}); no model was saved"
             )
 
-    for m in trained.values():
+
+def validate(setup: Setup, models: Models, step: int) -> None:
+    """Sample the validation prompts with the weights as they are and save a grid."""
+    cfg, accelerator = setup.cfg, setup.accelerator
+    unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.current_text_encoders().items()}
+    pipe = models.backbone.assemble(models.base, accelerator.unwrap_model(models.unet), unwrapped)
+    pipe.scheduler = make_scheduler("dpm++", models.base.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for m in models.trained.values():
+        m.eval()
+    images = []
+    with torch.no_grad(), accelerator.autocast():
+        for prompt in cfg.validation_prompt or [cfg.instance_prompt]:
+            seeds = [cfg.seed + i for i in range(cfg.num_validation_images)]
+            images += sample(pipe, prompt, seeds, steps=cfg.validation_inference_steps,
+                             width=cfg.resolution, height=cfg.resolution)
+    for m in models.trained.values():
+        m.train()
+    setup.run.samples.mkdir(exist_ok=True)
+    save_png(make_grid(images, cols=cfg.num_validation_images), setup.run.samples / f"step-{step:06d}.png")
+
+
+def save_step_checkpoint(setup: Setup, models: Models, optimisation: Optimisation, step: int) -> None:
+    accelerator, run = setup.accelerator, setup.run
+    if setup.main:
+        unwrapped = {k: accelerator.unwrap_model(m) for k, m in models.trained.items()}
+        state = {
+            "optimizer": optimisation.optimizer.state_dict(),
+            "lr_scheduler": optimisation.lr_scheduler.state_dict(),
+            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+        }
+        target = run.root / "checkpoints" / checkpoint_name(step)
+        with disk_full_is_user_error(target, state_bytes([optimisation.params, state]), run.what_is_kept):
+            save_checkpoint(
+                run.root, step, lambda folder: models.trainables.save_weights(folder, unwrapped),
+                state, setup.cfg.checkpoints_total_limit,
+            )
+    accelerator.wait_for_everyone()
+
+
+def micro_step(setup: Setup, models: Models, optimisation: Optimisation, batch, step_seed: int, unet_step):
+    """One forward and backward pass of the DreamBooth loss (and the optimizer step when it is due)."""
+    cfg, accelerator = setup.cfg, setup.accelerator
+    device = accelerator.device
+    gen = torch.Generator(device=device).manual_seed(step_seed)
+    torch.manual_seed(step_seed)  # dropout (e.g. --lora-dropout) draws from the global RNG
+    scheduler, alphas_cumprod = models.noise_scheduler, models.alphas_cumprod
+    with accelerator.accumulate(*models.trained.values()):
+        with torch.no_grad():
+            dist = models.encoder.latent_dist(batch)
+            latents = (dist.sample(generator=gen) * models.base.vae.config.scaling_factor).float()
+        noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+        if cfg.offset_noise:
+            noise = noise + cfg.offset_noise * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=gen, device=latents.device
+            )
+        timesteps = torch.randint(*models.timestep_range, (latents.shape[0],), generator=gen, device=latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with accelerator.autocast():
+            embeds = models.encode_prompts(models.current_text_encoders(), batch.prompts)
+            pred = models.backbone.denoise(unet_step, noisy, timesteps, embeds, batch.sizes())
+        pred_type = prediction_type(scheduler)
+        target = diffusion_target(pred_type, latents, noise, timesteps, alphas_cumprod)
+        parts = dreambooth_loss(
+            pred, target, timesteps, alphas_cumprod, n_instance=batch.n_instance,
+            prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma, prediction_type=pred_type,
+        )
+        accelerator.backward(parts.total)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(optimisation.params, cfg.max_grad_norm)
+        optimisation.optimizer.step()
+        models.trainables.after_step()
+        optimisation.optimizer.zero_grad(set_to_none=True)
+    return parts
+
+
+def run_steps(setup: Setup, models: Models, optimisation: Optimisation, instances: ImageBank,
+              classes: ImageBank | None) -> None:
+    """The optimizer steps from the start (or resumed) step to --max-train-steps."""
+    cfg, accelerator = setup.cfg, setup.accelerator
+    instance_order = SampleOrder(len(instances), cfg.seed, stream=0)
+    class_order = SampleOrder(len(classes), cfg.seed, stream=1) if classes is not None else None
+    accum, world, rank = cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
+    # The compiled wrapper shares the UNet's weights; saving and validation use the plain module.
+    unet_step = torch.compile(models.unet) if cfg.compile else models.unet
+    metrics = MetricsLog(setup, optimisation.params, with_prior=classes is not None)
+    for m in models.trained.values():
         m.train()
     try:
-        with progress_bar("training", cfg.max_train_steps, enabled=main) as bar:
+        with progress_bar("training", cfg.max_train_steps, enabled=setup.main) as bar:
             if bar:
-                bar.update(0, completed=start_step)
-            for step in range(start_step, cfg.max_train_steps):
+                bar.update(0, completed=optimisation.start_step)
+            for step in range(optimisation.start_step, cfg.max_train_steps):
                 sums = torch.zeros(3, device=accelerator.device)
                 for micro in range(accum):
                     batch = make_batch(
                         sample_numbers(step, micro, accum, world, rank, cfg.train_batch_size),
                         instances, instance_order, classes, class_order, cfg.center_crop,
                     )
-                    step_seed = _step_seed(cfg.seed, step, micro, rank)
-                    gen = torch.Generator(device=accelerator.device).manual_seed(step_seed)
-                    torch.manual_seed(step_seed)  # dropout (e.g. --lora-dropout) draws from the global RNG
-                    with accelerator.accumulate(*trained.values()):
-                        with torch.no_grad():
-                            dist = encoder.latent_dist(batch)
-                            latents = (dist.sample(generator=gen) * vae.config.scaling_factor).float()
-                        noise = torch.randn(latents.shape, generator=gen, device=latents.device)
-                        if cfg.offset_noise:
-                            noise = noise + cfg.offset_noise * torch.randn(
-                                (*latents.shape[:2], 1, 1), generator=gen, device=latents.device
-                            )
-                        timesteps = torch.randint(
-                            *timestep_range, (latents.shape[0],), generator=gen, device=latents.device
-                        )
-                        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                        with accelerator.autocast():
-                            hidden = encode_prompts(text_encoder, batch.prompts)
-                            pred = unet_step(noisy, timesteps, hidden).sample
-                        target = diffusion_target(pred_type, latents, noise, timesteps, alphas_cumprod)
-                        parts = dreambooth_loss(
-                            pred, target, timesteps, alphas_cumprod, n_instance=batch.n_instance,
-                            prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
-                            prediction_type=pred_type,
-                        )
-                        accelerator.backward(parts.total)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                        optimizer.step()
-                        trainables.after_step()
-                        optimizer.zero_grad(set_to_none=True)
+                    parts = micro_step(setup, models, optimisation, batch, _step_seed(cfg.seed, step, micro, rank),
+                                       unet_step)
                     prior = parts.prior.detach() if parts.prior is not None else torch.zeros((), device=sums.device)
                     sums += torch.stack([parts.total.detach(), parts.instance.detach(), prior]).float() / accum
-                lr_scheduler.step()
+                optimisation.lr_scheduler.step()
                 global_step = step + 1
-                pending.append((global_step, lr_scheduler.get_last_lr()[0], sums))
+                metrics.add(global_step, optimisation.lr_scheduler.get_last_lr()[0], sums)
 
                 last = global_step == cfg.max_train_steps
                 checkpoint_due = cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0 and not last
                 if global_step % cfg.logging_steps == 0 or last or checkpoint_due:
-                    flush_metrics(bar)
+                    metrics.flush(bar)
                 if bar:
                     bar.update(0, completed=global_step)
-
-                if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or last) and main:
-                    validate(global_step)
+                if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or last) and setup.main:
+                    validate(setup, models, global_step)
                 if checkpoint_due:
-                    if main:
-                        unwrapped = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
-                        state = {
-                            "optimizer": optimizer.state_dict(),
-                            "lr_scheduler": lr_scheduler.state_dict(),
-                            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
-                        }
-                        target = run.root / "checkpoints" / checkpoint_name(global_step)
-                        with disk_full_is_user_error(target, state_bytes([params, state]), run.what_is_kept):
-                            save_checkpoint(
-                                run.root, global_step, lambda folder: trainables.save_weights(folder, unwrapped),
-                                state, cfg.checkpoints_total_limit,
-                            )
-                    accelerator.wait_for_everyone()
-
+                    save_step_checkpoint(setup, models, optimisation, global_step)
     except BaseException:
         if accelerator.num_processes == 1:  # no collective needed: keep the losses up to the failure
             try:
-                flush_metrics(None)
+                metrics.flush(None)
             except Exception:  # noqa: BLE001 - a broken device must not hide the original error
-                log.warning("could not write the last %d steps' losses", len(pending))
+                log.warning("could not write the last %d steps' losses", len(metrics.pending))
         raise
 
+
+# --------------------------------------------------------------------------- save
+
+
+def save_model(setup: Setup, models: Models, optimisation: Optimisation) -> Path:
+    """Write the final model (a diffusers folder or a LoRA file) next to the run and install it."""
+    cfg, accelerator, run = setup.cfg, setup.accelerator, setup.run
     accelerator.wait_for_everyone()
-    if main:
+    if setup.main:
         tmp = run.root / ".model.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        if weight_dtype != torch.float32 and cfg.method == "full":
+        base = models.base
+        if setup.weight_dtype != torch.float32 and cfg.method == "full":
             # Frozen parts were cast to half precision for training; save them from an fp32 load.
             base = load_run_base(cfg.model_dump(), torch.float32)
-        final = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
-        saved = params if cfg.method == "lora" else [base.vae, final["unet"], final.get("text_encoder", base.text_encoder)]
+        final = {k: accelerator.unwrap_model(m) for k, m in models.trained.items()}
+        saved = optimisation.params if cfg.method == "lora" else [
+            base.vae, *{**models.backbone.text_encoders(base), **final}.values()]
         try:
             with disk_full_is_user_error(tmp, state_bytes(saved), run.what_is_kept):
-                trainables.save_final(tmp, base, final)
+                models.trainables.save_final(tmp, base, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
             raise

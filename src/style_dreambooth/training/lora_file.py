@@ -2,8 +2,9 @@
 
 A layer ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` of the UNet becomes
 ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.{lora_down,lora_up}.weight``
-plus a scalar ``.alpha``; text-encoder layers use the prefix ``lora_te_``. kohya's SD 1.x trainer
-uses diffusers' module names, so these are the names AUTOMATIC1111, ComfyUI and diffusers'
+plus a scalar ``.alpha``; text-encoder layers use the family's prefix (``lora_te_`` for SD 1.x and
+2.x, ``lora_te1_`` and ``lora_te2_`` for SDXL's two; see models/backbones). kohya's trainers use
+diffusers' module names, so these are the names AUTOMATIC1111, ComfyUI and diffusers'
 ``load_lora_weights`` expect.
 """
 
@@ -18,13 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from ..files import give_usual_mode
 
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x and 2.x
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
     """The kohya layer name. Text-encoder paths are spelled from `text_model.` as in the SD
     checkpoint layout, whether or not this transformers version nests CLIP under `text_model`."""
-    if prefix == PREFIXES["text_encoder"] and not module_path.startswith("text_model."):
+    if prefix != PREFIXES["unet"] and not module_path.startswith("text_model."):
         module_path = "text_model." + module_path
     return prefix + module_path.replace(".", "_")
 
@@ -36,12 +37,13 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and m.lora_A}
 
 
-def lora_state_dict(models: dict[str, torch.nn.Module], adapter: str = "default") -> dict[str, torch.Tensor]:
-    """kohya-layout tensors (down, up, alpha) for the adapters of each model ('unet', 'text_encoder')."""
+def lora_state_dict(models: dict[str, torch.nn.Module], prefixes: dict[str, str] = PREFIXES,
+                    adapter: str = "default") -> dict[str, torch.Tensor]:
+    """kohya-layout tensors (down, up, alpha) for the adapters of each model ('unet', 'text_encoder', ...)."""
     out: dict[str, torch.Tensor] = {}
     for role, model in models.items():
         for path, layer in _lora_layers(model).items():
-            name = kohya_name(PREFIXES[role], path)
+            name = kohya_name(prefixes[role], path)
             down = layer.lora_A[adapter].weight.detach()
             up = layer.lora_B[adapter].weight.detach()
             out[f"{name}.lora_down.weight"] = down.float().cpu().contiguous()
@@ -51,13 +53,14 @@ def lora_state_dict(models: dict[str, torch.nn.Module], adapter: str = "default"
 
 
 def load_lora_state_dict(
-    models: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor], adapter: str = "default"
+    models: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor], prefixes: dict[str, str] = PREFIXES,
+    adapter: str = "default",
 ) -> None:
     """Copy kohya-layout tensors into the models' existing peft adapters (all must match)."""
     seen = set()
     for role, model in models.items():
         for path, layer in _lora_layers(model).items():
-            name = kohya_name(PREFIXES[role], path)
+            name = kohya_name(prefixes[role], path)
             with torch.no_grad():
                 layer.lora_A[adapter].weight.copy_(tensors[f"{name}.lora_down.weight"])
                 layer.lora_B[adapter].weight.copy_(tensors[f"{name}.lora_up.weight"])

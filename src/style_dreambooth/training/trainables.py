@@ -15,7 +15,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import UserError
-from ..models.backbone import assemble_pipeline
+from ..models.backbones import Backbone
 from ..run_layout import LORA_FILE
 from .lora_file import load_lora_state_dict, lora_state_dict, read_lora_file, write_lora_file
 
@@ -40,30 +40,47 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def trained_text_encoders(cfg: TrainConfig, backbone: type[Backbone]) -> list[str]:
+    """The family's text encoders that train: the first with --train-text-encoder, SDXL's second with
+    --train-text-encoder-2 (which follows --train-text-encoder unless given)."""
+    wanted = {"text_encoder": cfg.train_text_encoder, "text_encoder_2": (
+        cfg.train_text_encoder if cfg.train_text_encoder_2 is None else cfg.train_text_encoder_2)}
+    return [name for name in backbone.text_encoder_names if wanted.get(name, cfg.train_text_encoder)]
+
+
+def learning_rate(cfg: TrainConfig, module: str) -> float:
+    """--learning-rate for the UNet, --text-encoder-lr for a text encoder, --text-encoder-2-lr for SDXL's second."""
+    text_lr = cfg.text_encoder_lr or cfg.learning_rate
+    return {"unet": cfg.learning_rate, "text_encoder_2": cfg.text_encoder_2_lr or text_lr}.get(module, text_lr)
+
+
 def _param_groups(cfg: TrainConfig, modules: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
-    """The UNet's trainable parameters at --learning-rate, the text encoder's at --text-encoder-lr."""
-    groups = [{"params": _trainable(modules["unet"]), "lr": cfg.learning_rate}]
-    if "text_encoder" in modules:
-        groups.append({"params": _trainable(modules["text_encoder"]), "lr": cfg.text_encoder_lr or cfg.learning_rate})
-    return groups
+    """One group per trained module, at that module's learning rate."""
+    return [{"params": _trainable(module), "lr": learning_rate(cfg, name)} for name, module in modules.items()]
 
 
 class FullTrainables:
-    """Every UNet weight (and text-encoder weight with --train-text-encoder) trains; with
-    --text-encoder-scope identifier, of the text encoder only the identifier's embedding rows."""
+    """Every UNet weight (and the weights of each trained text encoder) trains; with
+    --text-encoder-scope identifier, of the text encoders only the identifier's embedding rows."""
 
-    def __init__(self, cfg: TrainConfig, unet, text_encoder, identifier_ids: list[int] | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, backbone: type[Backbone], unet, text_encoders: dict[str, torch.nn.Module],
+                 identifier_ids: list[int] | None = None) -> None:
         self.cfg = cfg
+        self.backbone = backbone
+        trained = trained_text_encoders(cfg, backbone)
         unet.requires_grad_(True)
-        text_encoder.requires_grad_(cfg.train_text_encoder)
-        self.modules = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
-        self._embeddings = None
-        if cfg.train_text_encoder and cfg.text_encoder_scope == "identifier":
+        for name, encoder in text_encoders.items():
+            encoder.requires_grad_(name in trained)
+        self.modules = {"unet": unet, **{name: text_encoders[name] for name in trained}}
+        self._embeddings = []
+        if trained and cfg.text_encoder_scope == "identifier":
             assert identifier_ids, "the loop checks that the instance prompt has an identifier"
-            text_encoder.requires_grad_(False)
-            weight = text_encoder.get_input_embeddings().weight
-            weight.requires_grad_(True)
-            self._embeddings = (weight, weight.detach().clone(), torch.tensor(sorted(set(identifier_ids))))
+            rows = torch.tensor(sorted(set(identifier_ids)))
+            for name in trained:
+                text_encoders[name].requires_grad_(False)
+                weight = text_encoders[name].get_input_embeddings().weight
+                weight.requires_grad_(True)
+                self._embeddings.append((weight, weight.detach().clone(), rows))
 
     def param_groups(self) -> list[dict[str, Any]]:
         return _param_groups(self.cfg, self.modules)
@@ -71,16 +88,14 @@ class FullTrainables:
     def after_step(self) -> None:
         """Put back every embedding row but the identifier's, whatever the optimizer (weight decay,
         8-bit states) did to them: prompts without the identifier keep the base's encoding."""
-        if self._embeddings is None:
-            return
-        weight, base, rows = self._embeddings
-        if base.device != weight.device:
-            base, rows = base.to(weight.device), rows.to(weight.device)
-            self._embeddings = weight, base, rows
-        with torch.no_grad():
-            trained = weight[rows].clone()
-            weight.copy_(base)
-            weight[rows] = trained
+        for i, (weight, base, rows) in enumerate(self._embeddings):
+            if base.device != weight.device:
+                base, rows = base.to(weight.device), rows.to(weight.device)
+                self._embeddings[i] = weight, base, rows
+            with torch.no_grad():
+                trained = weight[rows].clone()
+                weight.copy_(base)
+                weight[rows] = trained
 
     def save_weights(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
         for name, module in modules.items():
@@ -95,9 +110,11 @@ class FullTrainables:
         """Nothing is frozen inside the trained modules."""
 
     def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None:
-        pipe = assemble_pipeline(base, modules["unet"], modules.get("text_encoder", base.text_encoder))
+        encoders = {**self.backbone.text_encoders(base), **{k: m for k, m in modules.items() if k != "unet"}}
+        pipe = self.backbone.assemble(base, modules["unet"], encoders)
         pipe.vae.to(torch.float32)
-        pipe.text_encoder.to(torch.float32)
+        for encoder in encoders.values():
+            encoder.to(torch.float32)
         pipe.save_pretrained(folder, safe_serialization=True)
 
 
@@ -106,10 +123,11 @@ def _matching_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
     return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
 
 
-def lora_targets(cfg: TrainConfig, unet, text_encoder) -> dict[str, tuple[torch.nn.Module, list[str]]]:
+def lora_targets(cfg: TrainConfig, backbone: type[Backbone], unet,
+                 text_encoders: dict[str, torch.nn.Module]) -> dict[str, tuple[torch.nn.Module, list[str]]]:
     """The modules that get adapters and the --lora-targets names found in each; a UserError if a
     module has none (checked before any slow work, e.g. class images)."""
-    models = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+    models = {"unet": unet, **{name: text_encoders[name] for name in trained_text_encoders(cfg, backbone)}}
     found = {}
     for role, model in models.items():
         targets = _matching_targets(model, cfg.lora_targets)
@@ -125,15 +143,18 @@ def lora_targets(cfg: TrainConfig, unet, text_encoder) -> dict[str, tuple[torch.
 class LoraTrainables:
     """Low-rank adapters on the UNet (and text encoder) attention layers; the base stays frozen."""
 
-    def __init__(self, cfg: TrainConfig, unet, text_encoder, base_model_hash: str) -> None:
+    def __init__(self, cfg: TrainConfig, backbone: type[Backbone], unet, text_encoders: dict[str, torch.nn.Module],
+                 base_model_hash: str) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
         self.cfg = cfg
+        self.backbone = backbone
         self.alpha = cfg.lora_alpha or float(cfg.rank)
         self.base_model_hash = base_model_hash
-        found = lora_targets(cfg, unet, text_encoder)
+        found = lora_targets(cfg, backbone, unet, text_encoders)
         unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
+        for encoder in text_encoders.values():
+            encoder.requires_grad_(False)
         for model, targets in found.values():
             config = LoraConfig(
                 r=cfg.rank, lora_alpha=self.alpha, lora_dropout=cfg.lora_dropout,
@@ -163,9 +184,10 @@ class LoraTrainables:
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(cfg.rank),
             "ss_network_alpha": f"{self.alpha:g}",
-            "ss_base_model_version": "sd_v1",
+            "ss_base_model_version": self.backbone.kohya_base_version,
             "ss_output_name": cfg.output_dir.name,
-            "modelspec.architecture": "stable-diffusion-v1/lora",
+            "modelspec.architecture": f"{self.backbone.modelspec_architecture}/lora",
+            "style_dreambooth.backbone": self.backbone.family,
             "style_dreambooth.base_model": cfg.base_model,
             "style_dreambooth.base_model_hash": self.base_model_hash,
             "style_dreambooth.instance_prompt": cfg.instance_prompt,
@@ -175,10 +197,10 @@ class LoraTrainables:
 
     def save_weights(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        write_lora_file(folder / LORA_FILE, lora_state_dict(modules), self.metadata())
+        write_lora_file(folder / LORA_FILE, lora_state_dict(modules, self.backbone.lora_prefixes), self.metadata())
 
     def load_weights(self, folder: Path) -> None:
-        load_lora_state_dict(self.modules, read_lora_file(folder / LORA_FILE))
+        load_lora_state_dict(self.modules, read_lora_file(folder / LORA_FILE), self.backbone.lora_prefixes)
 
     def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None:
         self.save_weights(folder, modules)
@@ -194,8 +216,9 @@ def base_model_hash(identity: dict[str, Any]) -> str:
 
 
 def make_trainables(
-    cfg: TrainConfig, unet, text_encoder, identity: dict[str, Any], identifier_ids: list[int] | None = None
+    cfg: TrainConfig, backbone: type[Backbone], unet, text_encoders: dict[str, torch.nn.Module],
+    identity: dict[str, Any], identifier_ids: list[int] | None = None,
 ) -> Trainables:
     if cfg.method == "lora":
-        return LoraTrainables(cfg, unet, text_encoder, base_model_hash(identity))
-    return FullTrainables(cfg, unet, text_encoder, identifier_ids)
+        return LoraTrainables(cfg, backbone, unet, text_encoders, base_model_hash(identity))
+    return FullTrainables(cfg, backbone, unet, text_encoders, identifier_ids)

@@ -1,0 +1,115 @@
+"""Model families, one module each, and how a model's files name its family.
+
+A new family plugs in by adding a module with a :class:`~.base.Backbone` subclass and listing it in
+``FAMILIES``; nothing else in the package names a family.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ...errors import UserError
+from .base import Backbone, ImageSize, PromptEmbeds, PromptEncoder, prediction_type, tokenize
+from .sd1 import SD1
+from .sd2 import SD2
+from .sdxl import SDXL
+
+FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SD1, SD2, SDXL)}
+CHOICES = ("auto", *FAMILIES)
+
+__all__ = [
+    "SD1", "SD2", "SDXL", "Backbone", "CHOICES", "FAMILIES", "ImageSize", "PromptEmbeds", "PromptEncoder", "backbone_of",
+    "detect_family", "family_of_folder", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
+    "tokenize",
+]
+
+
+def known() -> str:
+    return ", ".join(f"{name} ({b.title})" for name, b in FAMILIES.items())
+
+
+def get(family: str) -> type[Backbone]:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise UserError(f"unknown backbone '{family}'; the families we know are: {known()}") from None
+
+
+def _family_of_index(class_name: str, unet_config: dict[str, Any], where: str) -> type[Backbone]:
+    for backbone in FAMILIES.values():
+        if backbone.owns_pipeline_class(class_name, unet_config):
+            return backbone
+    raise UserError(f"{where} is a {class_name or 'model of no pipeline class'}, not a family we know: {known()}")
+
+
+def family_of_folder(folder: Path) -> type[Backbone]:
+    """The family of a diffusers folder, from model_index.json's `_class_name` and the UNet's config."""
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    unet_file = folder / "unet" / "config.json"
+    unet = json.loads(unet_file.read_text(encoding="utf-8")) if unet_file.is_file() else {}
+    return _family_of_index(str(index.get("_class_name", "")), unet, f"model '{folder}'")
+
+
+def family_of_single_file(keys: set[str], where: str) -> type[Backbone]:
+    """The family whose text-encoder keys (or, for SDXL, added-embedding keys) the file has; a file of
+    a UNet alone without SDXL's keys is read as SD 1.x, as diffusers does."""
+    owners = [b for b in FAMILIES.values() if b.owns_single_file(keys)]
+    if len(owners) == 1:
+        return owners[0]
+    unet_only = not any(k.startswith(("cond_stage_model.", "conditioner.", "text_encoders.")) for k in keys)
+    if not owners and unet_only and any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
+        return FAMILIES["sd1"]
+    raise UserError(f"{where} is not a checkpoint of a family we know ({known()})")
+
+
+def backbone_of(pipe) -> type[Backbone]:
+    """The family of a loaded pipeline."""
+    return _family_of_index(type(pipe).__name__, dict(pipe.unet.config), f"pipeline {type(pipe).__name__}")
+
+
+def shape_family(shape: str) -> type[Backbone]:
+    """The family that declares a random-model shape."""
+    for backbone in FAMILIES.values():
+        if shape in backbone.shapes:
+            return backbone
+    names = [s for b in FAMILIES.values() for s in b.shapes]
+    raise UserError(f"unknown random model shape {shape!r}; use one of: {', '.join(names)}")
+
+
+def detect_family(base_model: str, revision: str | None = None) -> type[Backbone] | None:
+    """The family named by a model's files without loading weights; None when they cannot be read
+    (a Hub id not in the local cache)."""
+    from ..loading import single_file_family
+
+    path = Path(str(base_model)).expanduser()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return family_of_folder(path)
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        return single_file_family(path)
+    if path.exists():
+        return None
+    import huggingface_hub
+
+    try:
+        found = huggingface_hub.try_to_load_from_cache(str(base_model), "model_index.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an invalid id or an unreadable cache: nothing to read
+        return None
+    if isinstance(found, str):
+        return family_of_folder(Path(found).parent)
+    return None
+
+
+def resolve_backbone(requested: str, base_model: str, revision: str | None = None) -> type[Backbone]:
+    """`--backbone auto|sd1|sd2|sdxl` checked against what the model's files say."""
+    detected = detect_family(base_model, revision)
+    if requested == "auto":
+        return detected or FAMILIES["sd1"]
+    chosen = get(requested)
+    if detected is not None and detected is not chosen:
+        raise UserError(
+            f"--backbone {requested} contradicts the base model '{base_model}', which is {detected.family} "
+            f"({detected.title}); drop --backbone or pass --backbone {detected.family}"
+        )
+    return chosen
