@@ -107,6 +107,13 @@ FULL_SHAPES = {  # the published models' parameter counts
 }
 
 
+def test_random_model_command_offers_every_declared_shape():
+    from style_dreambooth.cli import RANDOM_SHAPES
+    from style_dreambooth.models.random_model import SHAPES
+
+    assert set(RANDOM_SHAPES) == set(SHAPES)
+
+
 @pytest.mark.parametrize("shape", sorted(FULL_SHAPES))
 def test_full_shapes_have_the_published_parameter_counts_on_meta_device(shape):
     with torch.device("meta"):

@@ -180,14 +180,20 @@ def layout_sketch(layout: Path, out: Path, width: int | None, height: int | None
     click.echo(f"wrote {w}x{h} {style} sketch of {len(spec.regions)} regions to {out}")
 
 
+# The shapes models/backbones declares (tests/test_models.py checks the two lists agree); written out
+# here so that `--help` does not import torch.
+RANDOM_SHAPES = ("tiny", "sd15", "sd2-tiny", "sd21", "sdxl-tiny", "sdxl")
+
+
 @app.command("random-model")
-@click.option("--shape", type=click.Choice(["tiny", "sd15"]), default="tiny", show_default=True)
+@click.option("--shape", type=click.Choice(RANDOM_SHAPES), default="tiny", show_default=True,
+              help="sd1: tiny, sd15; sd2: sd2-tiny, sd21; sdxl: sdxl-tiny, sdxl (full shapes: the published parameter counts).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
 @click.argument("out", type=click.Path(path_type=Path))
 def random_model(shape: str, seed: int, prediction_type: str, overwrite: bool, out: Path) -> None:
-    """Build a random-weight SD 1.x pipeline (real CLIP tokenizer) for offline smoke tests."""
+    """Build a random-weight pipeline of any family (real CLIP tokenizer) for offline smoke tests."""
     from .models.random_model import save_random_model
 
     _quiet_libraries()

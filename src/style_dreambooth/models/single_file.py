@@ -1,19 +1,29 @@
-"""Export a Stable Diffusion 1.x diffusers pipeline as one original-layout ``.safetensors`` file.
+"""Export a diffusers pipeline of any known family as one original-layout ``.safetensors`` file.
 
-The file uses the CompVis/LDM single-checkpoint key layout that AUTOMATIC1111's web UI, ComfyUI
-and diffusers' ``from_single_file`` load:
+The file uses the single-checkpoint key layout of the original releases (CompVis/LDM for SD 1.x
+and 2.x, Stability's sgm for SDXL) that AUTOMATIC1111's web UI, ComfyUI and diffusers'
+``from_single_file`` load:
 
-* ``model.diffusion_model.*``: the UNet (``time_embed``, ``input_blocks``, ``middle_block``,
-  ``output_blocks``, ``out``);
+* ``model.diffusion_model.*``: the UNet (``time_embed``, SDXL's ``label_emb``, ``input_blocks``,
+  ``middle_block``, ``output_blocks``, ``out``); the transformers' ``proj_in``/``proj_out`` keep
+  their shape, 1x1 convolutions in SD 1.x and linear layers where ``use_linear_projection`` is set
+  (SD 2.x, SDXL), as the original checkpoints store them;
 * ``first_stage_model.*``: the KL VAE (``encoder``/``decoder`` with ``down``/``mid``/``up``,
   ``quant_conv``, ``post_quant_conv``); the mid-block attention projections are 1x1 convolutions;
-* ``cond_stage_model.transformer.text_model.*``: the CLIP text tower, which SD 1.x keeps under
-  Hugging Face's CLIP parameter names.
+* each text encoder under the prefix its family declares (``Backbone.single_file_text_encoders``),
+  in one of two layouts: "openai" keeps Hugging Face's CLIP names under ``<prefix>text_model.``
+  (SD 1.x, SDXL's first encoder); "openclip" is OpenCLIP's own (``transformer.resblocks.N`` with
+  q/k/v fused into ``attn.in_proj_*``, ``positional_embedding``, ``ln_final`` and
+  ``text_projection`` as a (width, embed) matrix: SD 2.x, SDXL's second encoder).
 
 Block indices come from the UNet and VAE configs (number of blocks, layers per block, which
-blocks have attention), so any SD 1.x-structured model converts, not only SD 1.5's exact shape.
-Every source tensor is used exactly once; a tensor the converter does not know is a bug and
-raises :class:`ConversionError` rather than being dropped silently.
+blocks have attention, transformer depth), so any model of a family's structure converts, not
+only the released shapes. Every source tensor is used exactly once; a tensor the converter does
+not know is a bug and raises :class:`ConversionError` rather than being dropped silently.
+
+What the file holds is the model, which is not always every key of an original release: SD 2.x
+text encoders are stored with the layers diffusers keeps (23 of OpenCLIP-H's 24, and no
+``text_projection``), and no OpenCLIP ``logit_scale`` (a training-only temperature) is invented.
 """
 
 from __future__ import annotations
@@ -30,12 +40,14 @@ import torch
 
 from ..errors import UserError
 from ..files import give_usual_mode
+from .backbones import FAMILIES, SD1, Backbone, backbone_of
 
 logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+# SD 1.x's text encoder, the one an SD 1.x file has.
+TEXT_ENCODER_PREFIX = SD1.single_file_text_encoders["text_encoder"][0] + "text_model."
 POSITION_IDS_KEY = TEXT_ENCODER_PREFIX + "embeddings.position_ids"
 PRODUCER = "style-dreambooth"
 
@@ -124,6 +136,23 @@ _CLIP_PARAM = re.compile(
     r"|final_layer_norm\.(weight|bias)"
 )
 
+# Hugging Face CLIP text tower -> OpenCLIP's (see _openclip_text_encoder for q/k/v and text_projection).
+_OPENCLIP_NAMES = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPENCLIP_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_OPENCLIP_LAYER_NAMES = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # in OpenCLIP's fused order
+
 
 Rule = Callable[[str], "str | None"]
 PrefixMap = dict[str, tuple[str, Rule]]
@@ -155,34 +184,39 @@ def _per_block(value: Any, n_blocks: int, name: str) -> list[int]:
 
 _UNET_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UNET_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+# None: SD 1.x/2.x; "text_time": SDXL's pooled-text + size embedding, LDM's label_emb.0 (Linear, SiLU, Linear).
+_ADDED_EMBEDDINGS = (None, "text_time")
+
+
+def _cannot_hold(model: str, what: str) -> UserError:
+    titles = ", ".join(b.title for b in FAMILIES.values())
+    return UserError(
+        f"the {model} config has {what}, which the original single-file layout cannot hold; "
+        f"export a model of one of these families: {titles}"
+    )
 
 
 def _check_unet_config(config: dict[str, Any]) -> None:
-    def refuse(what: str) -> UserError:
-        return UserError(
-            f"the UNet config has {what}, which the Stable Diffusion 1.x single-file layout cannot hold; "
-            "export only SD 1.x-structured models"
-        )
-
+    """Refuse what the LDM/sgm UNetModel has no place for; the rest follows from the config."""
     down, up = list(config.get("down_block_types", ())), list(config.get("up_block_types", ()))
     for block in down:
         if block not in _UNET_DOWN:
-            raise refuse(f"down block type {block!r}")
+            raise _cannot_hold("UNet", f"down block type {block!r}")
     for block in up:
         if block not in _UNET_UP:
-            raise refuse(f"up block type {block!r}")
+            raise _cannot_hold("UNet", f"up block type {block!r}")
     if not down or len(down) != len(up):
-        raise refuse(f"{len(down)} down blocks and {len(up)} up blocks")
+        raise _cannot_hold("UNet", f"{len(down)} down blocks and {len(up)} up blocks")
     mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid != "UNetMidBlock2DCrossAttn":
-        raise refuse(f"mid block type {mid!r}")
-    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+        raise _cannot_hold("UNet", f"mid block type {mid!r}")
+    for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
         if config.get(key) is not None:
-            raise refuse(f"{key}={config[key]!r}")
+            raise _cannot_hold("UNet", f"{key}={config[key]!r}")
+    if config.get("addition_embed_type") not in _ADDED_EMBEDDINGS:
+        raise _cannot_hold("UNet", f"addition_embed_type={config['addition_embed_type']!r}")
     if config.get("time_embedding_type", "positional") != "positional":
-        raise refuse(f"time_embedding_type={config['time_embedding_type']!r}")
-    if config.get("use_linear_projection"):
-        raise refuse("use_linear_projection=True (an SD 2.x UNet)")
+        raise _cannot_hold("UNet", f"time_embedding_type={config['time_embedding_type']!r}")
 
 
 def _unet_prefixes(config: dict[str, Any]) -> PrefixMap:
@@ -198,6 +232,9 @@ def _unet_prefixes(config: dict[str, Any]) -> PrefixMap:
     _add(p, "conv_in.", "input_blocks.0.0.", _plain)
     _add(p, "time_embedding.linear_1.", "time_embed.0.", _plain)
     _add(p, "time_embedding.linear_2.", "time_embed.2.", _plain)
+    if config.get("addition_embed_type") == "text_time":
+        _add(p, "add_embedding.linear_1.", "label_emb.0.0.", _plain)
+        _add(p, "add_embedding.linear_2.", "label_emb.0.2.", _plain)
     _add(p, "conv_norm_out.", "out.0.", _plain)
     _add(p, "conv_out.", "out.2.", _plain)
 
@@ -235,24 +272,18 @@ def _unet_prefixes(config: dict[str, Any]) -> PrefixMap:
 
 
 def _check_vae_config(config: dict[str, Any]) -> None:
-    def refuse(what: str) -> UserError:
-        return UserError(
-            f"the VAE config has {what}, which the Stable Diffusion 1.x single-file layout cannot hold; "
-            "export only SD 1.x-structured models"
-        )
-
     down, up = list(config.get("down_block_types", ())), list(config.get("up_block_types", ()))
     for block in down:
         if block != "DownEncoderBlock2D":
-            raise refuse(f"down block type {block!r}")
+            raise _cannot_hold("VAE", f"down block type {block!r}")
     for block in up:
         if block != "UpDecoderBlock2D":
-            raise refuse(f"up block type {block!r}")
+            raise _cannot_hold("VAE", f"up block type {block!r}")
     if not down or len(down) != len(up):
-        raise refuse(f"{len(down)} down blocks and {len(up)} up blocks")
+        raise _cannot_hold("VAE", f"{len(down)} down blocks and {len(up)} up blocks")
     for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
         if config.get(key, True) is not True:
-            raise refuse(f"{key}={config[key]!r}")
+            raise _cannot_hold("VAE", f"{key}={config[key]!r}")
 
 
 def _vae_prefixes(config: dict[str, Any]) -> PrefixMap:
@@ -348,30 +379,106 @@ def _raise_leftover(leftover: list[str], what: str) -> None:
         raise ConversionError(f"{len(leftover)} {what} tensor(s) have no single-file key: {shown}{more}")
 
 
-def diffusers_to_original_state_dict(
-    unet_sd: Mapping[str, torch.Tensor],
-    vae_sd: Mapping[str, torch.Tensor],
-    text_encoder_sd: Mapping[str, torch.Tensor],
+def _openai_text_encoder(
+    state_dict: Mapping[str, torch.Tensor], prefix: str, out: dict[str, torch.Tensor], what: str, add_position_ids: bool
+) -> None:
+    """A Hugging Face CLIP text tower under ``prefix + "text_model."``, with its names unchanged.
+
+    ``add_position_ids`` adds the ``embeddings.position_ids`` buffer (``arange(77)``, int64) that
+    transformers >= 4.31 no longer saves, so the file has the keys of the original checkpoints."""
+    base = prefix + "text_model."
+    leftover = []
+    for key, tensor in state_dict.items():
+        name = key.removeprefix("text_model.")  # CLIPTextModel before transformers 5.6 wrapped it
+        if _CLIP_PARAM.fullmatch(name):
+            _put(out, base + name, tensor, key, what)
+        else:
+            leftover.append(key)
+    _raise_leftover(leftover, what)
+
+    position_embedding = out.get(base + "embeddings.position_embedding.weight")
+    if position_embedding is None:
+        raise ConversionError(f"the {what} state dict has no embeddings.position_embedding.weight")
+    if add_position_ids and base + "embeddings.position_ids" not in out:
+        out[base + "embeddings.position_ids"] = torch.arange(
+            position_embedding.shape[0], dtype=torch.int64, device=position_embedding.device
+        ).unsqueeze(0)
+
+
+def _openclip_text_encoder(
+    state_dict: Mapping[str, torch.Tensor], prefix: str, out: dict[str, torch.Tensor], what: str
+) -> None:
+    """A Hugging Face CLIP text tower (with or without projection) in OpenCLIP's layout under ``prefix``.
+
+    OpenCLIP's attention keeps q, k and v as one ``in_proj`` matrix (rows q, then k, then v), and
+    its ``text_projection`` is a (width, embed) matrix that multiplies from the right: the transpose
+    of transformers' ``text_projection.weight``. OpenCLIP has no ``position_ids`` buffer, so one
+    saved by an older transformers is left out."""
+    leftover = []
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (layer, weight|bias) -> q/k/v
+    for key, tensor in state_dict.items():
+        name = key.removeprefix("text_model.")
+        layer = _OPENCLIP_LAYER.fullmatch(name)
+        if name in _OPENCLIP_NAMES:
+            _put(out, prefix + _OPENCLIP_NAMES[name], tensor, key, what)
+        elif name == "text_projection.weight":
+            _put(out, prefix + "text_projection", tensor.T, key, what)
+        elif name == "embeddings.position_ids":
+            continue
+        elif layer and layer[2] in _OPENCLIP_LAYER_NAMES:
+            index, module, param = layer.groups()
+            new_key = f"{prefix}transformer.resblocks.{index}.{_OPENCLIP_LAYER_NAMES[module]}.{param}"
+            _put(out, new_key, tensor, key, what)
+        elif layer and layer[2] in _QKV:
+            index, module, param = layer.groups()
+            parts = qkv.setdefault((index, param), {})
+            if module in parts:
+                raise ConversionError(f"{what} key {key!r} repeats the layer's {module}.{param}")
+            parts[module] = tensor
+        else:
+            leftover.append(key)
+    _raise_leftover(leftover, what)
+
+    for (index, param), parts in qkv.items():
+        missing = [module for module in _QKV if module not in parts]
+        if missing:
+            raise ConversionError(f"the {what} layer {index} has no {missing[0]}.{param} to fuse with the others")
+        fused = torch.cat([parts[module] for module in _QKV])
+        source = f"encoder.layers.{index}.self_attn.q/k/v_proj.{param}"
+        _put(out, f"{prefix}transformer.resblocks.{index}.attn.in_proj_{param}", fused, source, what)
+    if prefix + "positional_embedding" not in out:
+        raise ConversionError(f"the {what} state dict has no embeddings.position_embedding.weight")
+
+
+def original_state_dict(
+    backbone: type[Backbone],
+    state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
     unet_config: Mapping[str, Any],
     vae_config: Mapping[str, Any],
     *,
     add_position_ids: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Convert an SD 1.x pipeline's three diffusers state dicts to the original single-file layout.
+    """Convert a pipeline's diffusers state dicts to the original single-file layout of its family.
 
-    ``unet_config``/``vae_config`` are the models' configs (``unet.config``); they give the block
-    structure. Tensors are not copied (the VAE attention weights become 4-D views).
+    ``state_dicts`` maps component names to state dicts: ``unet``, ``vae`` and each text encoder
+    the family's ``single_file_text_encoders`` names. ``unet_config``/``vae_config`` are the
+    models' configs (``unet.config``); they give the block structure. No tensor is copied except
+    OpenCLIP's fused q/k/v (the VAE attention weights become 4-D views, a text projection a
+    transposed view). ``add_position_ids``: see :func:`_openai_text_encoder`.
 
-    ``add_position_ids`` adds ``cond_stage_model.transformer.text_model.embeddings.position_ids``
-    (``arange(77)``, int64) when the text encoder state dict lacks it (transformers >= 4.31 no
-    longer saves that buffer), so the file has the same keys as the original SD 1.x checkpoints.
-
-    Raises :class:`UserError` for a config that is not SD 1.x-structured, and
-    :class:`ConversionError` when a tensor has no mapping or a configured module has no tensors.
+    Raises :class:`UserError` for a config the layout cannot hold, and :class:`ConversionError`
+    when a tensor has no mapping or a configured module has no tensors.
     """
+    wanted = {"unet", "vae", *backbone.single_file_text_encoders}
+    if set(state_dicts) != wanted:
+        raise ConversionError(
+            f"a {backbone.title} single file holds {', '.join(sorted(wanted))}; "
+            f"got state dicts for {', '.join(sorted(state_dicts))}"
+        )
     unet_cfg, vae_cfg = _config_dict(unet_config), _config_dict(vae_config)
     out: dict[str, torch.Tensor] = {}
 
+    unet_sd, vae_sd = state_dicts["unet"], state_dicts["vae"]
     _raise_leftover(_convert_with_prefixes(unet_sd, _unet_prefixes(unet_cfg), UNET_PREFIX, out, "UNet"), "UNet")
 
     vae_out: dict[str, torch.Tensor] = {}
@@ -379,23 +486,30 @@ def diffusers_to_original_state_dict(
     for key, tensor in vae_out.items():
         _put(out, key, _vae_tensor(key, tensor), key, "VAE")
 
-    leftover = []
-    for key, tensor in text_encoder_sd.items():
-        name = key.removeprefix("text_model.")  # CLIPTextModel before transformers 5.6 wrapped it
-        if _CLIP_PARAM.fullmatch(name):
-            _put(out, TEXT_ENCODER_PREFIX + name, tensor, key, "text encoder")
-        else:
-            leftover.append(key)
-    _raise_leftover(leftover, "text encoder")
-
-    position_embedding = out.get(TEXT_ENCODER_PREFIX + "embeddings.position_embedding.weight")
-    if position_embedding is None:
-        raise ConversionError("the text encoder state dict has no embeddings.position_embedding.weight")
-    if add_position_ids and POSITION_IDS_KEY not in out:
-        out[POSITION_IDS_KEY] = torch.arange(
-            position_embedding.shape[0], dtype=torch.int64, device=position_embedding.device
-        ).unsqueeze(0)
+    for name, (prefix, layout) in backbone.single_file_text_encoders.items():
+        what = name.replace("_", " ")
+        if layout == "openai":
+            _openai_text_encoder(state_dicts[name], prefix, out, what, add_position_ids)
+        elif layout == "openclip":
+            _openclip_text_encoder(state_dicts[name], prefix, out, what)
+        else:  # pragma: no cover - a family declaring a layout this module does not write
+            raise ConversionError(f"{backbone.title} declares text encoder layout {layout!r}, which is not written")
     return out
+
+
+def diffusers_to_original_state_dict(
+    unet_sd: Mapping[str, torch.Tensor],
+    vae_sd: Mapping[str, torch.Tensor],
+    text_encoder_sd: Mapping[str, torch.Tensor],
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+    *,
+    backbone: type[Backbone] = SD1,
+    add_position_ids: bool = True,
+) -> dict[str, torch.Tensor]:
+    """:func:`original_state_dict` for a family with one text encoder (SD 1.x by default, or SD 2.x)."""
+    state_dicts = {"unet": unet_sd, "vae": vae_sd, "text_encoder": text_encoder_sd}
+    return original_state_dict(backbone, state_dicts, unet_config, vae_config, add_position_ids=add_position_ids)
 
 
 # --------------------------------------------------------------------------- export
@@ -423,6 +537,20 @@ def _pipeline_source(pipeline: Any) -> str:
     return str(name) if name else "in-memory pipeline"
 
 
+def _modules_to_export(pipeline: Any) -> tuple[type[Backbone], dict[str, torch.nn.Module]]:
+    """The pipeline's family and the modules its single file holds (unwrapped from torch.compile)."""
+    if getattr(pipeline, "unet", None) is None:
+        raise UserError("the pipeline to export has no unet; export a complete Stable Diffusion pipeline")
+    backbone = backbone_of(pipeline)
+    modules = {}
+    for name in ("unet", "vae", *backbone.single_file_text_encoders):
+        module = getattr(pipeline, name, None)
+        if module is None:
+            raise UserError(f"the pipeline to export has no {name}; export a complete {backbone.title} pipeline")
+        modules[name] = _unwrap(module)
+    return backbone, modules
+
+
 def export_single_file(
     pipeline_or_folder: Any,
     out_file: Path,
@@ -430,7 +558,7 @@ def export_single_file(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write an SD 1.x pipeline (or a diffusers folder) as one original-layout ``.safetensors``.
+    """Write a pipeline (or a diffusers folder) of any known family as one original-layout ``.safetensors``.
 
     ``half`` stores floating-point tensors as fp16 (about 2 GB for SD 1.5 instead of 4 GB).
     The file is written under a temporary name next to ``out_file`` and renamed into place, so
@@ -452,14 +580,10 @@ def export_single_file(
     else:
         pipeline = pipeline_or_folder
         source = _pipeline_source(pipeline)
-    for name in ("unet", "vae", "text_encoder"):
-        if getattr(pipeline, name, None) is None:
-            raise UserError(f"the pipeline to export has no {name}; export a complete Stable Diffusion 1.x pipeline")
+    backbone, modules = _modules_to_export(pipeline)
 
-    unet, vae, text_encoder = (_unwrap(m) for m in (pipeline.unet, pipeline.vae, pipeline.text_encoder))
-    state = diffusers_to_original_state_dict(
-        unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), unet.config, vae.config
-    )
+    state_dicts = {name: module.state_dict() for name, module in modules.items()}
+    state = original_state_dict(backbone, state_dicts, modules["unet"].config, modules["vae"].config)
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if tensor.device.type == "meta":
@@ -470,16 +594,16 @@ def export_single_file(
         tensors[key] = tensor.contiguous()
 
     scheduler_config = getattr(getattr(pipeline, "scheduler", None), "config", None) or {}
+    prediction_type = scheduler_config.get("prediction_type")
     float_dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
     metadata = {
         "format": "pt",
         "source": source,
         "producer": PRODUCER,
-        "architecture": "stable-diffusion-v1",
+        "architecture": backbone.modelspec(prediction_type),
         # What was stored: half=False keeps the pipeline's own dtype (fp32 normally).
         "dtype": ",".join(sorted(float_dtypes)),
     }
-    prediction_type = scheduler_config.get("prediction_type")
     if prediction_type:
         metadata["prediction_type"] = str(prediction_type)
     if prediction_type == "v_prediction":

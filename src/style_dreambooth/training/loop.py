@@ -260,7 +260,7 @@ def load_models(setup: Setup, loaded: Base, instances: ImageBank, classes: Image
     torch.manual_seed(cfg.seed)  # LoRA's initial weights
     identifier_ids = base.tokenizer(identifier, add_special_tokens=False).input_ids if identifier else None
     trainables = make_trainables(cfg, backbone, base.unet, text_encoders, model_identity(cfg.base_model, cfg.revision),
-                                 identifier_ids)
+                                 identifier_ids, prediction_type(noise_scheduler))
     if setup.checkpoint is not None:
         trainables.load_weights(setup.checkpoint)
     trainables.cast_frozen(weight_dtype)

@@ -144,10 +144,11 @@ class LoraTrainables:
     """Low-rank adapters on the UNet (and text encoder) attention layers; the base stays frozen."""
 
     def __init__(self, cfg: TrainConfig, backbone: type[Backbone], unet, text_encoders: dict[str, torch.nn.Module],
-                 base_model_hash: str) -> None:
+                 base_model_hash: str, prediction_type: str = "epsilon") -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
         self.cfg = cfg
+        self.prediction_type = prediction_type
         self.backbone = backbone
         self.alpha = cfg.lora_alpha or float(cfg.rank)
         self.base_model_hash = base_model_hash
@@ -186,7 +187,7 @@ class LoraTrainables:
             "ss_network_alpha": f"{self.alpha:g}",
             "ss_base_model_version": self.backbone.kohya_base_version,
             "ss_output_name": cfg.output_dir.name,
-            "modelspec.architecture": f"{self.backbone.modelspec_architecture}/lora",
+            "modelspec.architecture": f"{self.backbone.modelspec(self.prediction_type)}/lora",
             "style_dreambooth.backbone": self.backbone.family,
             "style_dreambooth.base_model": cfg.base_model,
             "style_dreambooth.base_model_hash": self.base_model_hash,
@@ -217,8 +218,8 @@ def base_model_hash(identity: dict[str, Any]) -> str:
 
 def make_trainables(
     cfg: TrainConfig, backbone: type[Backbone], unet, text_encoders: dict[str, torch.nn.Module],
-    identity: dict[str, Any], identifier_ids: list[int] | None = None,
+    identity: dict[str, Any], identifier_ids: list[int] | None = None, prediction_type: str = "epsilon",
 ) -> Trainables:
     if cfg.method == "lora":
-        return LoraTrainables(cfg, backbone, unet, text_encoders, base_model_hash(identity))
+        return LoraTrainables(cfg, backbone, unet, text_encoders, base_model_hash(identity), prediction_type)
     return FullTrainables(cfg, backbone, unet, text_encoders, identifier_ids)

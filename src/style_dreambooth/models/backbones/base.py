@@ -80,6 +80,11 @@ class Backbone:
             return None
         return getattr(diffusers, cls.controlnet_pipeline_class_name)
 
+    @classmethod
+    def modelspec(cls, prediction_type: str | None = None) -> str:
+        """The modelspec architecture name other tools read from a file's metadata."""
+        return cls.modelspec_architecture
+
     # ------------------------------------------------------------------ recognising files
 
     @classmethod

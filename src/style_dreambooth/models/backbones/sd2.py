@@ -37,6 +37,11 @@ class SD2(SD1):
     single_file_text_encoders = {"text_encoder": ("cond_stage_model.model.", "openclip")}
 
     @classmethod
+    def modelspec(cls, prediction_type: str | None = None) -> str:
+        """SD 2.x has one name per release: 768 px v-prediction, 512 px epsilon."""
+        return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
+
+    @classmethod
     def owns_pipeline_class(cls, class_name: str, unet_config: dict[str, Any]) -> bool:
         return class_name == cls.pipeline_class_name and _is_sd2_unet(unet_config)
 

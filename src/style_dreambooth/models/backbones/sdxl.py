@@ -52,14 +52,16 @@ def sdxl() -> dict[str, Any]:
 
 
 def sdxl_tiny() -> dict[str, Any]:
+    """Miniature SDXL. The second text encoder is wider than the first, as in SDXL (768 and 1280): diffusers'
+    single-file reader tells the two apart by width."""
     unet = _unet(
-        8, 32, sample_size=32,
+        8, 48, sample_size=32,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=64,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32 + 48,
         attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
     )
     return _components(
-        unet, clip_text_config(32, 37, 2, 4, 32), clip_text_config(32, 37, 2, 4, 32, act="gelu", pad_token_id=0),
+        unet, clip_text_config(32, 37, 2, 4, 32), clip_text_config(48, 37, 2, 4, 48, act="gelu", pad_token_id=0),
         vae_config(full=False, scaling_factor=SDXL_VAE_SCALING),
     )
 
