@@ -103,8 +103,10 @@ def train(config_file: Path | None, **flags: Any) -> None:
     file_values = read_yaml(config_file) if config_file else {}
     out = given.get("output_dir", file_values.get("output_dir"))
     if given.get("resume_from_checkpoint") and out and (Path(out) / "config.yaml").is_file():
-        # Resuming: the run's own resolved config is the base; the file and flags go on top.
-        file_values = {**read_yaml(Path(out) / "config.yaml"), **file_values}
+        # Resuming: the run's own resolved config is the base; the file and flags go on top. The family is
+        # read again from the base model's files, so a resume on another family's model is named as such.
+        saved = {k: v for k, v in read_yaml(Path(out) / "config.yaml").items() if k != "backbone"}
+        file_values = {**saved, **file_values}
     cfg = build_config(file_values, given)
     model_dir = run_training(cfg)
     click.echo(f"done: {model_dir}")

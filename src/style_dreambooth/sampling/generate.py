@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..files import make_output_dir
-from ..models.backbones import backbone_of
+from ..models.backbones import backbone_of, family_of_lora
 from ..models.loading import load_pipeline, load_run_base
 from ..progress import progress_bar
 from ..run_layout import LORA_FILE, best_checkpoint_spec, resolve_checkpoint
@@ -85,6 +85,23 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     return file, scale
 
 
+def check_lora_family(pipe, file: Path) -> None:
+    """Refuse a LoRA trained for another model family, naming both."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            found = family_of_lora(f.metadata() or {}, set(f.keys()))
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader below
+        return
+    ours = backbone_of(pipe)
+    if found is not None and found is not ours:
+        raise UserError(
+            f"LoRA file '{file}' was trained for {found.family} ({found.title}) but the model is {ours.family} "
+            f"({ours.title}); use a LoRA of the same family"
+        )
+
+
 def apply_loras(pipe, specs: list[str]) -> list[str]:
     """Load each LoRA as its own adapter and activate them all with their scales (stacked)."""
     if not specs:
@@ -94,6 +111,7 @@ def apply_loras(pipe, specs: list[str]) -> list[str]:
     labels = []
     for i, spec in enumerate(specs):
         file, scale = parse_lora_spec(spec)
+        check_lora_family(pipe, file)
         name = f"lora{i}"
         try:
             pipe.load_lora_weights(str(file), adapter_name=name)

@@ -12,7 +12,7 @@ from ..config import TrainConfig
 from ..data.dataset import Example, class_prompts_for
 from ..data.images import IMAGE_EXTENSIONS
 from ..errors import UserError
-from ..models.backbones import resolve_backbone
+from ..models.backbones import get, resolve_backbone
 from ..models.tokenizer import check_instance_prompt_fits, warn_if_truncated
 from .run_folder import RunFolder
 
@@ -45,6 +45,12 @@ def check_resume_config(run: RunFolder, cfg: TrainConfig) -> None:
         return
     saved = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
     now = cfg.to_yaml_dict()
+    if saved.get("backbone", now["backbone"]) != now["backbone"]:
+        was, new = get(saved["backbone"]), get(now["backbone"])
+        raise UserError(
+            f"cannot resume '{run.root}': its checkpoints are {was.family} ({was.title}) but the base model "
+            f"'{cfg.base_model}' is {new.family} ({new.title}); resume with the run's own base model"
+        )
     for key in RESUME_FIXED_KEYS:
         if key in saved and saved[key] != now.get(key):
             raise UserError(

@@ -21,7 +21,7 @@ CHOICES = ("auto", *FAMILIES)
 
 __all__ = [
     "SD1", "SD2", "SDXL", "Backbone", "CHOICES", "FAMILIES", "ImageSize", "PromptEmbeds", "PromptEncoder", "backbone_of",
-    "detect_family", "family_of_folder", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
+    "detect_family", "family_of_folder", "family_of_lora", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
     "tokenize",
 ]
 
@@ -62,6 +62,21 @@ def family_of_single_file(keys: set[str], where: str) -> type[Backbone]:
     if not owners and unet_only and any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
         return FAMILIES["sd1"]
     raise UserError(f"{where} is not a checkpoint of a family we know ({known()})")
+
+
+def family_of_lora(metadata: dict[str, str], keys: set[str]) -> type[Backbone] | None:
+    """The family a LoRA file was trained for: our own metadata, kohya's `ss_base_model_version`, or
+    SDXL's two text-encoder prefixes; None when the file does not say."""
+    named = metadata.get("style_dreambooth.backbone")
+    if named in FAMILIES:
+        return FAMILIES[named]
+    version = metadata.get("ss_base_model_version", "")
+    for backbone in FAMILIES.values():
+        if version and version == backbone.kohya_base_version:
+            return backbone
+    if version.startswith("sdxl") or any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+        return FAMILIES["sdxl"]
+    return None
 
 
 def backbone_of(pipe) -> type[Backbone]:
