@@ -64,6 +64,9 @@ def test_full_training_trains_every_text_encoder_and_generates_and_exports(
         code, _, err = run_cli(capsys, "generate", "--model", run, *extra, "--prompt", "a yltcaxe artstyle tree",
                                "-n", "1", "--steps", "2", "--out", tmp_path / f"gen{len(extra)}")
         assert code == 0, err
+    code, _, err = run_cli(capsys, "evaluate", run, "--steps", "2", "--seeds", "0", "--dino", "none", "--clip", "none")
+    assert code == 0, err
+    assert (run / "report.html").is_file() and (run / "eval" / "step-000002" / "scores.json").is_file()
     single = tmp_path / "style.safetensors"
     code, _, err = run_cli(capsys, "export", run, single)
     assert code == 0, err
@@ -111,6 +114,22 @@ def test_resume_equals_uninterrupted_run(tmp_path, family_model, instance_dir, c
     for x, y in zip(a, b):
         for key in ("loss", "instance_loss", "prior_loss"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+
+
+def test_sdxl_trains_with_a_replacement_vae_and_refuses_a_bad_one(tmp_path, instance_dir, cache_env, capsys):
+    from style_dreambooth.models.random_model import save_random_model
+
+    model = save_random_model("sdxl-tiny", tmp_path / "model")
+    fixed = save_random_model("sdxl-tiny", tmp_path / "other", seed=7) / "vae"  # stands in for the fp16-fixed VAE
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(model, instance_dir, run, "--vae", fixed, "--max-train-steps", "2",
+                                               "--mixed-precision", "bf16"))
+    assert code == 0, err
+    assert f"vae: {fixed}" in (run / "config.yaml").read_text()
+    saved, replacement = _weights(run / "model" / "vae"), _weights(fixed)
+    assert all(torch.equal(saved[k], replacement[k]) for k in replacement)  # the run's model carries that VAE
+    code, _, err = run_cli(capsys, *train_args(model, instance_dir, tmp_path / "bad", "--vae", tmp_path / "nowhere"))
+    _one_line_error(code, err, "--vae", "nowhere")
 
 
 # --------------------------------------------------------------------------- the maths, written out plainly
