@@ -18,14 +18,14 @@ from .workspace import RUNS, Workspace
 # Shown first; every other field is under "All options". output_dir comes from the run name and
 # resume_from_checkpoint from the Resume button, so neither is a form field.
 BASIC_FIELDS = (
-    "base_model", "instance_dir", "instance_prompt", "class_prompt", "method", "max_train_steps",
+    "base_model", "backbone", "instance_dir", "instance_prompt", "class_prompt", "method", "max_train_steps",
     "learning_rate", "resolution", "train_batch_size", "with_prior_preservation", "num_class_images",
     "train_text_encoder", "use_8bit_adam", "mixed_precision", "gradient_checkpointing",
     "validation_prompt", "validation_steps", "checkpointing_steps", "seed",
 )
 HIDDEN_FIELDS = ("output_dir", "resume_from_checkpoint")
 PATH_FIELDS = ("instance_dir", "class_dir")
-MODEL_FIELDS = ("base_model", "base_config")
+MODEL_FIELDS = ("base_model", "base_config", "vae")
 REQUEST_FILE = "ui-train-request.yaml"
 
 
