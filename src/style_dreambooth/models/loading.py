@@ -23,7 +23,7 @@ import huggingface_hub.constants
 import torch
 
 from ..errors import UserError
-from .backbones import Backbone, family_of_folder, family_of_single_file, get, resolve_backbone
+from .backbones import Backbone, family_of_folder, get, resolve_backbone, single_file_family
 
 logger = logging.getLogger(__name__)
 
@@ -215,30 +215,6 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None, backbone: str = "a
             f"base model folder '{path}' could not be loaded ({_first_line(exc)}); check that it is a complete "
             f"{family.title} diffusers folder"
         ) from exc
-
-
-def single_file_keys(path: Path) -> set[str]:
-    """The tensor names of a .safetensors file; a one-line error if it cannot be read."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return set(f.keys())
-    except Exception:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
-        raise UserError(f"base model file '{path}' is not a readable .safetensors file (damaged or truncated?)") from None
-
-
-def single_file_family(path: Path) -> type[Backbone]:
-    """The family of a .safetensors checkpoint; refused if it is unreadable or holds no SD UNet (a LoRA,
-    an embedding, a VAE)."""
-    keys = single_file_keys(path)
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        kind = "a LoRA (pass it to generate --lora)" if any(k.startswith("lora_") for k in keys) else "not a full model"
-        raise UserError(
-            f"base model file '{path}' holds no Stable Diffusion UNet weights: it is {kind}; "
-            "pass a full checkpoint, a diffusers folder or a Hub id"
-        )
-    return family_of_single_file(keys, f"base model file '{path}'")
 
 
 def _load_single_file(

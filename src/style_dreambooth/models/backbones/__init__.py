@@ -21,7 +21,7 @@ CHOICES = ("auto", *FAMILIES)
 
 __all__ = [
     "SD1", "SD2", "SDXL", "Backbone", "CHOICES", "FAMILIES", "ImageSize", "PromptEmbeds", "PromptEncoder", "backbone_of",
-    "detect_family", "family_of_folder", "family_of_lora", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
+    "detect_family", "family_of_folder", "family_of_lora", "single_file_family", "single_file_keys", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
     "tokenize",
 ]
 
@@ -79,6 +79,30 @@ def family_of_lora(metadata: dict[str, str], keys: set[str]) -> type[Backbone] |
     return None
 
 
+def single_file_keys(path: Path) -> set[str]:
+    """The tensor names of a .safetensors file; a one-line error if it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except Exception:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
+        raise UserError(f"base model file '{path}' is not a readable .safetensors file (damaged or truncated?)") from None
+
+
+def single_file_family(path: Path) -> type[Backbone]:
+    """The family of a .safetensors checkpoint; refused if it is unreadable or holds no SD UNet (a LoRA,
+    an embedding, a VAE)."""
+    keys = single_file_keys(path)
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        kind = "a LoRA (pass it to generate --lora)" if any(k.startswith("lora_") for k in keys) else "not a full model"
+        raise UserError(
+            f"base model file '{path}' holds no Stable Diffusion UNet weights: it is {kind}; "
+            "pass a full checkpoint, a diffusers folder or a Hub id"
+        )
+    return family_of_single_file(keys, f"base model file '{path}'")
+
+
 def backbone_of(pipe) -> type[Backbone]:
     """The family of a loaded pipeline."""
     return _family_of_index(type(pipe).__name__, dict(pipe.unet.config), f"pipeline {type(pipe).__name__}")
@@ -96,7 +120,6 @@ def shape_family(shape: str) -> type[Backbone]:
 def detect_family(base_model: str, revision: str | None = None) -> type[Backbone] | None:
     """The family named by a model's files without loading weights; None when they cannot be read
     (a Hub id not in the local cache)."""
-    from ..loading import single_file_family
 
     path = Path(str(base_model)).expanduser()
     if path.is_dir() and (path / "model_index.json").is_file():
