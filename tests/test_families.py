@@ -305,3 +305,24 @@ def test_lora_or_resume_of_another_family_names_both(tmp_path, family_model, tin
                                                "--overwrite"))
     _one_line_error(code, err, family, "sd1", "cannot resume")
     assert (run / "model" / "lora.safetensors").is_file()  # the finished model is kept
+
+
+def test_a_cached_hub_id_loads_offline_as_its_family(tmp_path, family_model, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+
+    from style_dreambooth.models.backbones import backbone_of
+    from style_dreambooth.models.loading import load_pipeline
+
+    family, model = family_model
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someone--style-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model, repo / "snapshots" / commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("diffusers.utils.constants.HF_HUB_CACHE", str(tmp_path), raising=False)
+    pipe = load_pipeline("someone/style-model")
+    assert type(pipe).__name__ == PIPELINES[family] and backbone_of(pipe).family == family
