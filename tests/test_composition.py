@@ -133,21 +133,26 @@ def test_layout_works_with_a_lora_run_checkpoint_and_stacked_lora(tmp_path, tiny
 # --------------------------------------------------------------------------- ControlNet
 
 
-@pytest.fixture(scope="module")
-def tiny_controlnet(tmp_path_factory, tiny_model):
-    """A ControlNet for the tiny random model, with non-zero output convolutions so that it acts."""
+def save_controlnet(model, folder):
+    """A ControlNet built on ``model``'s UNet (any family), with non-zero output convolutions so that
+    it acts, saved as a diffusers folder."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "controlnet_down_blocks" in name or "controlnet_mid_block" in name or "conv_out" in name:
                 p.copy_(torch.randn_like(p) * 0.2)
-    folder = tmp_path_factory.mktemp("controlnet") / "cn"
     net.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_controlnet(tmp_path_factory, tiny_model):
+    """A ControlNet for the tiny random model."""
+    return save_controlnet(tiny_model, tmp_path_factory.mktemp("controlnet") / "cn")
 
 
 def _sketch(path, size=64):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from clihelp import run_cli, train_args
 from conftest import write_style_images
+from test_reference_losses import reference_losses
 
 # family -> (random shape, prediction type): SD 2.x as the 768-v release, SDXL as base 1.0.
 FAMILIES = {"sd2": ("sd2-tiny", "v_prediction"), "sdxl": ("sdxl-tiny", "epsilon")}
@@ -101,7 +102,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, family_model, instance_dir, c
     real_save = loop.save_checkpoint
 
     def crash_after_first(*args, **kwargs):
-        path = real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt  # the process dies right after step 2's checkpoint
 
     monkeypatch.setattr(loop, "save_checkpoint", crash_after_first)
@@ -134,72 +135,14 @@ def test_sdxl_trains_with_a_replacement_vae_and_refuses_a_bad_one(tmp_path, inst
 
 # --------------------------------------------------------------------------- the maths, written out plainly
 
-STEPS, LR = 20, 1e-4
-
-
-def reference_losses(family: str, model: Path, instance_dir: Path, class_dir: Path, seed: int = 1337) -> list[float]:
-    """The DreamBooth step the slow, obvious way, with each family's conditioning spelled out: SD 2.x's
-    velocity target; SDXL's two text encoders' penultimate layers, pooled vector and six time ids."""
-    from diffusers import DDPMScheduler, DiffusionPipeline
-
-    from style_dreambooth.data.dataset import ImageBank, SampleOrder, class_examples, instance_examples, make_batch
-    from style_dreambooth.data.images import list_images
-    from style_dreambooth.training.loop import _step_seed
-
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    encoders = [getattr(pipe, n) for n in TEXT_ENCODERS[family]]
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
-    instances = ImageBank(instance_examples(list_images(instance_dir), "yltcaxe artstyle"), 64, name="instance")
-    classes = ImageBank(class_examples(list_images(class_dir, role="class"), "artstyle"), 64, name="class")
-    i_order, c_order = SampleOrder(len(instances), seed, 0), SampleOrder(len(classes), seed, 1)
-    pipe.vae.requires_grad_(False)
-    params = [p for m in [pipe.unet, *encoders] for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    for m in [pipe.unet, *encoders]:
-        m.train()
-    losses = []
-    for step in range(STEPS):
-        batch = make_batch([step], instances, i_order, classes, c_order, center_crop=False)
-        gen = torch.Generator().manual_seed(_step_seed(seed, step, 0, 0))
-        torch.manual_seed(_step_seed(seed, step, 0, 0))
-        with torch.no_grad():
-            mean, logvar = pipe.vae.encode(batch.pixels()).latent_dist.parameters.chunk(2, dim=1)
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            latents = (mean + std * torch.randn(mean.shape, generator=gen)) * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        ids = [tok(batch.prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-               for tok in tokenizers]
-        if family == "sdxl":
-            first = encoders[0](ids[0], output_hidden_states=True)
-            second = encoders[1](ids[1], output_hidden_states=True)
-            hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-            time_ids = torch.tensor([[*c.bank.original_sizes[c.index], c.top, c.left, 64, 64] for c in batch.crops],
-                                    dtype=torch.float32)
-            added = {"text_embeds": second.text_embeds, "time_ids": time_ids}
-            pred = pipe.unet(noisy, t, hidden, added_cond_kwargs=added).sample
-            target = noise
-        else:
-            pred = pipe.unet(noisy, t, encoders[0](ids[0])[0]).sample
-            target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v-prediction
-        per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-        loss = per_sample[0] + per_sample[1]  # instance + prior (weight 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+STEPS, LR = 20, 1e-4  # as test_reference_losses.py, whose plain reference spells out each family's conditioning
 
 
 def test_first_20_losses_match_the_plain_reference(tmp_path, family_model, capsys):
     family, model = family_model
     instance_dir = write_style_images(tmp_path / "instance")  # 80x72: random crops, SDXL's crop ids vary
     class_dir = write_style_images(tmp_path / "class", n=6, size=(64, 64), seed=5)
-    reference = reference_losses(family, model, instance_dir, class_dir)
+    reference = reference_losses(model, instance_dir, class_dir, STEPS, family=family)
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, *train_args(
         model, instance_dir, run, "--class-dir", class_dir, "--max-train-steps", STEPS, "--learning-rate", LR,

@@ -26,26 +26,35 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+TEXT_ENCODERS = {"sd1": ["text_encoder"], "sd2": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}
+
+
 def reference_losses(
-    model: Path, instance_dir: Path, class_dir: Path, steps: int, seed: int = 1337, device: str = "cpu"
+    model: Path, instance_dir: Path, class_dir: Path, steps: int, seed: int = 1337, device: str = "cpu",
+    family: str = "sd1",
 ) -> list[float]:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    """The DreamBooth step the slow, obvious way, with each family's conditioning spelled out: SD 1.x's
+    last CLIP layer; SD 2.x the same with the velocity target when the scheduler asks for it; SDXL's two
+    text encoders' penultimate layers, pooled vector and six time ids per image."""
+    from diffusers import DDPMScheduler, DiffusionPipeline
 
     from style_dreambooth.data.dataset import ImageBank, SampleOrder, class_examples, instance_examples, make_batch
     from style_dreambooth.data.images import list_images
     from style_dreambooth.training.loop import _step_seed
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32).to(device)
-    vae, unet, te, tok = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32).to(device)
+    vae, unet = pipe.vae, pipe.unet
+    encoders = [getattr(pipe, n) for n in TEXT_ENCODERS[family]]
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     instances = ImageBank(instance_examples(list_images(instance_dir), "yltcaxe artstyle"), 64, name="instance")
     classes = ImageBank(class_examples(list_images(class_dir, role="class"), "artstyle"), 64, name="class")
     i_order, c_order = SampleOrder(len(instances), seed, 0), SampleOrder(len(classes), seed, 1)
     vae.requires_grad_(False)
-    params = [p for p in unet.parameters()] + [p for p in te.parameters()]
+    params = [p for m in [unet, *encoders] for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    unet.train()
-    te.train()
+    for m in [unet, *encoders]:
+        m.train()
     losses = []
     for step in range(steps):
         batch = make_batch([step], instances, i_order, classes, c_order, center_crop=False)
@@ -60,10 +69,19 @@ def reference_losses(
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
         a = sched.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        ids = tok(batch.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
-        pred = unet(noisy, t, te(ids)[0]).sample
-        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        ids = [tok(batch.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(device) for tok in tokenizers]
+        if family == "sdxl":
+            first = encoders[0](ids[0], output_hidden_states=True)
+            second = encoders[1](ids[1], output_hidden_states=True)
+            hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+            time_ids = torch.tensor([[*c.bank.original_sizes[c.index], c.top, c.left, 64, 64] for c in batch.crops],
+                                    dtype=torch.float32, device=device)
+            pred = unet(noisy, t, hidden, added_cond_kwargs={"text_embeds": second.text_embeds, "time_ids": time_ids}).sample
+        else:
+            pred = unet(noisy, t, encoders[0](ids[0])[0]).sample
+        target = noise if sched.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+        per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = per_sample[0] + per_sample[1]  # instance + prior (weight 1), one of each per step
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

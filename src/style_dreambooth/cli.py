@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +376,8 @@ def refuse_undecodable(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors with exit code 2 for user errors."""
     argv = dash_option_names(sys.argv[1:] if argv is None else argv)
+    # diffusers passes huggingface_hub an argument it deprecated; the warning is no news to a user.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
     try:
         refuse_undecodable(argv)
         app.main(args=argv, prog_name="style-dreambooth", standalone_mode=False)

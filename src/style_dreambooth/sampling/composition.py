@@ -32,7 +32,8 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import UserError
-from .regional_attention import latent_masks, regional_attention
+from ..models.backbones import backbone_of
+from .regional_attention import canvas_shares, latent_masks, regional_attention
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ class Conditioning:
     def pipe_kwargs(self, pipe, prompt: str, negative_prompt: str, n: int, guidance: float) -> dict:
         kwargs: dict = {}
         if self.region_prompts:
-            kwargs.update(_regional_embeds(pipe, [prompt, *self.region_prompts], negative_prompt, n, guidance))
+            shares = canvas_shares(self.masks, self.base_weight)
+            kwargs.update(_regional_embeds(pipe, [prompt, *self.region_prompts], shares, negative_prompt, n, guidance))
         else:
             kwargs.update(prompt=[prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt else None)
         if self.control_images:
@@ -202,20 +204,45 @@ class Conditioning:
         return regional_attention(pipe, latent_masks(self.masks, pipe.vae_scale_factor), self.base_weight)
 
 
-def _regional_embeds(pipe, prompts: list[str], negative_prompt: str, n: int, guidance: float) -> dict:
-    """The prompts' embeddings side by side on the token axis (global first); the negative prompt's
-    repeated as often, so both halves of guidance have the same shape."""
+# What a pipeline's encode_prompt returns, in order, under the names its __call__ takes them by:
+# per-token states for each half of guidance, then (SDXL) a pooled vector for each.
+EMBEDDING_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+def _encode(pipe, prompts: list[str], negative_prompts: list[str] | None, cfg: bool) -> dict[str, torch.Tensor | None]:
+    """The pipeline's own prompt encoding, as the keyword arguments its __call__ takes."""
+    out = pipe.encode_prompt(prompt=prompts, device=pipe.device, num_images_per_prompt=1,
+                             do_classifier_free_guidance=cfg, negative_prompt=negative_prompts)
+    if len(out) not in (2, 4):
+        raise TypeError(f"{type(pipe).__name__}.encode_prompt returned {len(out)} values; expected 2 or 4")
+    return dict(zip(EMBEDDING_NAMES, out))
+
+
+def _regional_embeds(pipe, prompts: list[str], shares: list[float], negative_prompt: str, n: int,
+                     guidance: float) -> dict:
+    """The prompts' per-token embeddings side by side on the token axis (global first); the negative
+    prompt's repeated as often, so both halves of guidance have the same shape. A pooled vector
+    (SDXL) conditions the whole image: the prompts' blend by ``shares`` of the canvas."""
     cfg = guidance > 1
     negatives = [negative_prompt] * n if negative_prompt else None
-    positive, negative = [], None
-    for i, text in enumerate(prompts):
-        pos, neg = pipe.encode_prompt([text] * n, pipe.device, 1, cfg and i == 0, negatives)  # the negative once
-        positive.append(pos)
-        negative = negative if neg is None else neg
-    kwargs = {"prompt_embeds": torch.cat(positive, dim=1)}
+    # The negative prompt is encoded once, with the global prompt.
+    encoded = [_encode(pipe, [text] * n, negatives, cfg and i == 0) for i, text in enumerate(prompts)]
+    kwargs = {"prompt_embeds": torch.cat([e["prompt_embeds"] for e in encoded], dim=1)}
     if cfg:
-        kwargs["negative_prompt_embeds"] = torch.cat([negative] * len(prompts), dim=1)
+        kwargs["negative_prompt_embeds"] = torch.cat([encoded[0]["negative_prompt_embeds"]] * len(prompts), dim=1)
+    if "pooled_prompt_embeds" in encoded[0]:
+        kwargs["pooled_prompt_embeds"] = _blend([e["pooled_prompt_embeds"] for e in encoded], shares)
+        if cfg:
+            kwargs["negative_pooled_prompt_embeds"] = encoded[0]["negative_pooled_prompt_embeds"]
     return kwargs
+
+
+def _blend(vectors: list[torch.Tensor], shares: list[float]) -> torch.Tensor:
+    """sum(share * vector), term by term, so that shares of exactly 0 and 1 give one vector bit for bit."""
+    out = vectors[0] * shares[0]
+    for vector, share in zip(vectors[1:], shares[1:]):
+        out = out + vector * share
+    return out
 
 
 @dataclass
@@ -247,7 +274,8 @@ class CompositionPlan:
             conditioning.masks = region_masks(self.layout, width, height)
             conditioning.base_weight = self.layout.base_weight
         if self.controls:
-            nets = [load_controlnet(model, pipe.unet, model_label, dtype) for _, model, _ in self.controls]
+            family = backbone_of(pipe)
+            nets = [load_controlnet(model, pipe.unet, model_label, dtype, family) for _, model, _ in self.controls]
             pipe = controlnet_pipeline(pipe, nets)
             conditioning.control_images = self.images
             conditioning.control_scales = [scale for _, _, scale in self.controls]

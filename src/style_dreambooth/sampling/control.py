@@ -10,6 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..models.backbones import Backbone, backbone_of, family_of_unet
 
 # The public SD 1.5 ControlNets a user would pick for a sketch or a layout (named in the README).
 SKETCH_CONTROLNETS = {
@@ -42,18 +43,29 @@ def read_control_image(path: Path) -> Image.Image:
 
 
 def _shape(config) -> str:
+    added = config.get("addition_embed_type")
     return (f"cross-attention {config.cross_attention_dim}, blocks {list(config.block_out_channels)}, "
-            f"{config.in_channels} latent channels")
+            f"{config.in_channels} latent channels, "
+            + (f"added conditioning '{added}'" if added else "no added conditioning"))
 
 
-def check_fits(controlnet, unet, name: str, model_label: str) -> None:
-    """A ControlNet steers a UNet through residuals added block by block: the widths must match."""
+def _fits(a, b) -> bool:
+    return (a.cross_attention_dim == b.cross_attention_dim and list(a.block_out_channels) == list(b.block_out_channels)
+            and a.in_channels == b.in_channels and a.get("addition_embed_type") == b.get("addition_embed_type")
+            and a.get("projection_class_embeddings_input_dim") == b.get("projection_class_embeddings_input_dim"))
+
+
+def check_fits(controlnet, unet, name: str, model_label: str, family: type[Backbone] | None = None) -> None:
+    """A ControlNet is a copy of its family's UNet encoder and steers the UNet through residuals added
+    block by block: the widths and the added conditioning (SDXL's pooled prompt and size ids) must
+    match. ``family`` names the model's family in the message."""
     a, b = controlnet.config, unet.config
-    same = (a.cross_attention_dim == b.cross_attention_dim and list(a.block_out_channels) == list(b.block_out_channels)
-            and a.in_channels == b.in_channels)
-    if not same:
-        raise UserError(f"ControlNet '{name}' ({_shape(a)}) does not fit the model '{model_label}' ({_shape(b)}); "
-                        "pick a ControlNet trained for this model's family")
+    if not _fits(a, b):
+        model = f"{family.title}: {_shape(b)}" if family else _shape(b)
+        wanted = family.title if family else "this model's family"
+        theirs = family_of_unet(a).title
+        raise UserError(f"ControlNet '{name}' ({theirs}: {_shape(a)}) does not fit the model '{model_label}' ({model}); "
+                        f"pick a ControlNet trained for {wanted}")
 
 
 def _cond_channels(state: dict) -> tuple[int, ...]:
@@ -89,8 +101,9 @@ def _from_single_file(path: Path, unet, dtype):
     return net.to(dtype=dtype or torch.float32)
 
 
-def load_controlnet(spec: str, unet, model_label: str, dtype=None):
-    """A ControlNetModel from a hub id (or the local HF cache offline), a folder or a .safetensors file."""
+def load_controlnet(spec: str, unet, model_label: str, dtype=None, family: type[Backbone] | None = None):
+    """A ControlNetModel from a hub id (or the local HF cache offline), a folder or a .safetensors file,
+    checked against ``unet`` (``family`` names the model's family when it does not fit)."""
     from diffusers import ControlNetModel
 
     path = Path(spec).expanduser()
@@ -113,15 +126,17 @@ def load_controlnet(spec: str, unet, model_label: str, dtype=None):
             raise UserError(f"ControlNet '{spec}' is neither a local folder or file nor in the local Hugging Face "
                             f"cache ({str(exc).splitlines()[0][:100]}); download it once with network, or pass a "
                             "folder") from None
-    check_fits(net, unet, spec, model_label)
+    check_fits(net, unet, spec, model_label, family)
     return net
 
 
 def controlnet_pipeline(pipe, controlnets: list):
-    """diffusers' ControlNet text-to-image pipeline over the loaded model's own components."""
-    from diffusers import StableDiffusionControlNetPipeline
+    """The model family's ControlNet text-to-image pipeline (diffusers') over the loaded model's own components."""
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
+    backbone = backbone_of(pipe)
+    pipeline_class = backbone.controlnet_pipeline_class()
+    if pipeline_class is None:
+        raise UserError(f"ControlNet is not available for {backbone.title} models; drop --control/--controlnet")
     net = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
-    control_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=net)
-    return control_pipe.to(pipe.device)
+    return pipeline_class.from_pipe(pipe, controlnet=net).to(pipe.device)

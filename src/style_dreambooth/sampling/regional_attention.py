@@ -8,6 +8,9 @@ masks, pooled to the layer's resolution. Where regions overlap they are averaged
 reaches, the global prompt rules. A single region covering the canvas gets weight exactly 1 and
 the global prompt exactly 0 (unless a ``base_weight`` keeps a share of the global prompt inside
 regions, as A1111's Regional Prompter's base ratio does), so the image is the plain image of the region's prompt, bit for bit.
+
+A conditioning of the whole image rather than of each pixel (SDXL's pooled prompt vector) is the
+prompts' blend by their share of the canvas (:func:`canvas_shares`), so that holds there too.
 """
 
 from __future__ import annotations
@@ -32,12 +35,7 @@ class RegionalAttnProcessor:
     def weights(self, tokens: int) -> torch.Tensor:
         """(1 + regions, tokens) blend weights for a layer with ``tokens`` pixels: global first."""
         if tokens not in self._weights:
-            regions = F.adaptive_avg_pool2d(self.masks[None], _grid(self.masks.shape[1:], tokens))[0].flatten(1)
-            regions = regions / regions.sum(0).clamp(min=1.0)
-            if self.base_weight:
-                regions = regions * (1.0 - self.base_weight)
-            rest = (1.0 - regions.sum(0)).clamp(min=0.0)
-            self._weights[tokens] = torch.cat([rest[None], regions])
+            self._weights[tokens] = blend_weights(self.masks, _grid(self.masks.shape[1:], tokens), self.base_weight)
         return self._weights[tokens]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -52,6 +50,23 @@ class RegionalAttnProcessor:
             weight = weight.view(1, -1, 1) if part.ndim == 3 else weight.view(1, 1, *part.shape[2:])
             out = part * weight if out is None else out + part * weight
         return out
+
+
+def blend_weights(masks: torch.Tensor, grid: tuple[int, int], base_weight: float = 0.0) -> torch.Tensor:
+    """(1 + regions, pixels) weights of each prompt at each pixel of a ``grid`` (height, width):
+    regions share the pixels they cover, the global prompt has the rest (and ``base_weight`` of theirs)."""
+    regions = F.adaptive_avg_pool2d(masks[None], grid)[0].flatten(1)
+    regions = regions / regions.sum(0).clamp(min=1.0)
+    if base_weight:
+        regions = regions * (1.0 - base_weight)
+    rest = (1.0 - regions.sum(0)).clamp(min=0.0)
+    return torch.cat([rest[None], regions])
+
+
+def canvas_shares(masks: torch.Tensor, base_weight: float = 0.0) -> list[float]:
+    """Each prompt's share of the whole canvas, global first: how a per-image conditioning (SDXL's
+    pooled prompt vector) is blended. A full-canvas region's share is exactly 1, the global's 0."""
+    return blend_weights(masks, tuple(masks.shape[1:]), base_weight).mean(1).tolist()
 
 
 def _grid(latent: torch.Size, tokens: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ CHOICES = ("auto", *FAMILIES)
 
 __all__ = [
     "SD1", "SD2", "SDXL", "Backbone", "CHOICES", "FAMILIES", "ImageSize", "PromptEmbeds", "PromptEncoder", "backbone_of",
-    "detect_family", "family_of_folder", "family_of_lora", "single_file_family", "single_file_keys", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
+    "detect_family", "family_of_folder", "family_of_lora", "family_of_unet", "single_file_family", "single_file_keys", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
     "tokenize",
 ]
 
@@ -101,6 +101,14 @@ def single_file_family(path: Path) -> type[Backbone]:
             "pass a full checkpoint, a diffusers folder or a Hub id"
         )
     return family_of_single_file(keys, f"base model file '{path}'")
+
+
+def family_of_unet(config: dict[str, Any]) -> type[Backbone]:
+    """The family a UNet-shaped config (a UNet's or a ControlNet's) belongs to."""
+    for backbone in FAMILIES.values():
+        if backbone.owns_unet_config(dict(config)):
+            return backbone
+    return FAMILIES["sd1"]
 
 
 def backbone_of(pipe) -> type[Backbone]:

@@ -93,6 +93,11 @@ class Backbone:
         raise NotImplementedError
 
     @classmethod
+    def owns_unet_config(cls, config: dict[str, Any]) -> bool:
+        """Whether a UNet (or ControlNet) config has this family's shape."""
+        raise NotImplementedError
+
+    @classmethod
     def owns_single_file(cls, keys: set[str]) -> bool:
         """Whether an original-layout checkpoint with these tensor names is ours."""
         raise NotImplementedError

@@ -95,6 +95,10 @@ class SDXL(Backbone):
         return class_name == cls.pipeline_class_name
 
     @classmethod
+    def owns_unet_config(cls, config: dict[str, Any]) -> bool:
+        return config.get("addition_embed_type") == "text_time"
+
+    @classmethod
     def owns_single_file(cls, keys: set[str]) -> bool:
         return "model.diffusion_model.label_emb.0.0.weight" in keys or any(
             k.startswith("conditioner.embedders.") for k in keys)
