@@ -21,6 +21,7 @@ from .evaluation.agreement import pooled_rank_correlation
 from .evaluation.evaluate import RunEvaluation, evaluate_run
 from .reports.html import write_report
 from .training.checkpoints import list_checkpoints
+from .training.inputs import resolve_family
 from .training.loop import train
 from .training.run_folder import RunFolder
 
@@ -123,7 +124,7 @@ def _check_same_run(run: RunFolder, cfg) -> None:
     if not run.config.is_file():
         return
     saved = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
-    wanted = cfg.to_yaml_dict()
+    wanted = resolve_family(cfg).to_yaml_dict()  # as the run recorded it: --backbone auto made concrete
     for key, value in wanted.items():
         if key in ("output_dir", "mixed_precision", "class_prompt") or value is None:
             continue
