@@ -1,4 +1,4 @@
-"""Training speed and memory: our `train` against diffusers' train_dreambooth.py, same model, data, GPU.
+"""Training speed and memory: our `train` against diffusers' DreamBooth scripts, same model, data, GPU.
 
 Each (configuration, side) is one process run under `_peak.py`, whose step clock gives the
 steady-state it/s between steps N1 and N2, the time before the first step (loading), the warm-up
@@ -6,9 +6,14 @@ beyond steady steps (compilation, autotuning) and the peak allocated CUDA memory
 at step N2, so no final save is timed. Results are written after every run, so a run that fails or a
 budget that runs out still leaves the rows measured so far.
 
+One call measures one model family: the rows of the model's family (SD 1.x: train_dreambooth.py and
+_lora.py; SDXL: train_dreambooth_lora_sdxl.py), at that family's resolution unless --resolution.
+
 usage (on a GPU machine, offline):
   python bench/bench_train.py --out bench-out --diffusers-script .baseline/train_dreambooth.py \\
       --diffusers-lora-script .baseline/train_dreambooth_lora.py
+  python bench/bench_train.py --out bench-out --shape sdxl --json bench-out/train_sdxl_bench.json \\
+      --diffusers-sdxl-lora-script .baseline/train_dreambooth_lora_sdxl.py
   python bench/bench_train.py --out /tmp/b --shape tiny --resolution 64 --precision no --steps 3,6   # CPU smoke
 """
 
@@ -29,6 +34,9 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 PROMPT, CLASS_PROMPT = "yltcaxe artstyle", "artstyle"
+# Random-model shapes by family, and each family's training resolution (as `train` defaults it).
+SHAPES = {"tiny": "sd1", "sd15": "sd1", "sdxl-tiny": "sdxl", "sdxl": "sdxl"}
+RESOLUTION = {"sd1": 512, "sdxl": 1024}
 
 
 def make_images(folder: Path, n: int, size: int, seed: int) -> Path:
@@ -84,13 +92,30 @@ def diffusers_cmd(script: Path, model: Path, data: Path, out: Path, steps: int, 
            "--checkpointing_steps=1000000", f"--mixed_precision={cfg['precision']}"]
     if cfg.get("lora"):
         cmd.append("--rank=4")
+    if cfg.get("family") == "sdxl":
+        # Its text encoders' LoRA has its own learning rate (default 5e-6); ours follows --learning-rate.
+        cmd.append("--text_encoder_lr=1e-4")
     if cfg.get("gc"):
         cmd.append("--gradient_checkpointing")
     return cmd
 
 
+def baseline_script(cfg: dict, args: argparse.Namespace) -> Path | None:
+    """diffusers' script for a config: one per family and method."""
+    if cfg.get("family") == "sdxl":
+        return args.diffusers_sdxl_lora_script if cfg.get("lora") else None
+    return args.diffusers_lora_script if cfg.get("lora") else args.diffusers_script
+
+
+def model_family(model: Path) -> str:
+    """sdxl or sd1, from the pipeline class a diffusers folder names."""
+    class_name = json.loads((model / "model_index.json").read_text()).get("_class_name", "")
+    return "sdxl" if "XL" in class_name else "sd1"
+
+
 # Rows in the order they run: the reference configuration first, so a short budget still measures it.
-# "baseline": whether diffusers' script runs it too; "mem_gib": a T4-sized cap on this process's memory.
+# "baseline": whether diffusers' script runs it too; "mem_gib": a T4-sized cap on this process's memory;
+# "family": the model family it needs (default sd1).
 CONFIGS = {
     "full-fp16": {"precision": "fp16", "baseline": True},
     "lora-fp16": {"precision": "fp16", "lora": True, "baseline": True},
@@ -101,6 +126,8 @@ CONFIGS = {
     "full-fp16-compile": {"precision": "fp16", "ours_flags": ["--compile"]},
     "full-fp16-no-cache": {"precision": "fp16", "ours_flags": ["--no-cache-latents"]},
     "full-fp16-adamw": {"precision": "fp16", "ours_flags": ["--no-8bit-adam"]},
+    # SDXL base 1.0 shapes, 1024 px: LoRA rank 4 on the UNet and both text encoders, VAE in fp32 (no fixed VAE).
+    "sdxl-lora-fp16": {"family": "sdxl", "precision": "fp16", "lora": True, "baseline": True},
 }
 
 
@@ -124,12 +151,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=None, help="diffusers folder; default: build a random one")
-    ap.add_argument("--shape", default="sd15", choices=["tiny", "sd15"])
+    ap.add_argument("--shape", default="sd15", choices=list(SHAPES),
+                    help="the random model to build (without --model), and the shape the results name")
     ap.add_argument("--diffusers-script", type=Path, default=None, help="diffusers' examples/dreambooth/train_dreambooth.py")
     ap.add_argument("--diffusers-lora-script", type=Path, default=None, help="... and train_dreambooth_lora.py")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--diffusers-sdxl-lora-script", type=Path, default=None, help="... and train_dreambooth_lora_sdxl.py")
+    ap.add_argument("--configs", default=None, help="comma-separated rows; default: every row of the model's family")
     ap.add_argument("--steps", default="20,60", help="N1,N2: the steady-state window (steps)")
-    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--resolution", type=int, default=None, help="default: the family's (512 SD 1.x, 1024 SDXL)")
     ap.add_argument("--precision", default=None, help="override every config's precision (e.g. 'no' on CPU)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
     ap.add_argument("--run-timeout-s", type=float, default=300,
@@ -146,19 +175,27 @@ def main() -> None:
     if not (model / "model_index.json").exists():
         subprocess.run([sys.executable, "-m", "style_dreambooth", "random-model", "--shape", args.shape, str(model)],
                        check=True, env=env)
-    data = out / "data"
+    family = model_family(model)
+    if family != SHAPES[args.shape]:
+        raise SystemExit(f"{model} is an {family} model, but --shape is {args.shape}; pass the shape it was built as")
+    rows_of_family = [n for n, c in CONFIGS.items() if c.get("family", "sd1") == family]
+    names = args.configs.split(",") if args.configs else rows_of_family
+    if unknown := [n for n in names if n not in rows_of_family]:
+        raise SystemExit(f"{', '.join(unknown)}: not a row for this {family} model; its rows: {', '.join(rows_of_family)}")
+    args.resolution = args.resolution or RESOLUTION[family]
+    data = out / f"data-{args.resolution}"  # one set of images per resolution, given to both sides
     make_images(data / "instance", 5, args.resolution, 0)
     make_images(data / "class", 50, args.resolution, 1)
     n1, n2 = (int(s) for s in args.steps.split(","))
     result = {"date": datetime.date.today().isoformat(), "versions": versions(), "steps": [n1, n2],
-              "resolution": args.resolution, "shape": args.shape, "rows": []}
-    for name in args.configs.split(","):
+              "resolution": args.resolution, "shape": args.shape, "family": family, "rows": []}
+    for name in names:
         cfg = dict(CONFIGS[name])
         if args.precision:
             cfg["precision"] = args.precision
         row = {"config": name, **cfg}
         sides = {"ours": lambda o: ours_cmd(model, data, o, n2, cfg, args.resolution)}
-        script = args.diffusers_lora_script if cfg.get("lora") else args.diffusers_script
+        script = baseline_script(cfg, args)
         if script and cfg.get("baseline"):
             sides["diffusers"] = lambda o, s=script: diffusers_cmd(s.resolve(), model, data, o, n2, cfg, args.resolution)
         for side, make in sides.items():

@@ -1,12 +1,15 @@
 """Render bench JSON as the markdown tables of BENCHMARKS.md (one section per device call).
 
-usage: python bench/report.py OUT/train_bench.json [OUT/generate_bench.json] >> BENCHMARKS.md
+usage: python bench/report.py OUT/train_bench.json [OUT/generate_bench.json OUT/train_sdxl_bench.json
+                              OUT/generate_sdxl_bench.json ...] >> BENCHMARKS.md
+Each file is rendered as a training or a generation table, as its contents say.
 
 MFU uses the issue's FLOP counts for SD 1.5 at 512 px: a training step is 4.8 TFLOP of UNet forward
 and backward on 2 samples plus 0.1 of text encoder (the VAE encode, 2.2 more, is work a trainer
 can avoid, so it is not counted as useful for either side); an image of 25 CFG steps is about
 44 TFLOP (the issue's 18 img/s limit). Peak: 790 TFLOP/s (H100 dense bf16/fp16 matrix products).
-MFU is left out (-) for other shapes and settings.
+MFU is left out (-) for other shapes and settings (the SDXL rows among them: the issue gives no FLOP
+counts for SDXL).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ def _failed(row: dict, side: str) -> str:
     if f"{side}_skipped" in row:
         return "skipped (budget)"
     if f"{side}_error" in row:
-        return "failed: " + row[f"{side}_error"].strip().splitlines()[-1][:80].replace("|", "/")
+        error = row[f"{side}_error"]
+        how = error.split(":", 1)[0] if error.startswith("exit ") else "failed"  # "exit 1", "exit timeout"
+        return f"{how}: " + error.strip().splitlines()[-1][:80].replace("|", "/")
     return "-"
 
 
@@ -58,29 +63,31 @@ def train_table(data: dict) -> str:
 
 
 def generate_table(data: dict) -> str:
+    pipeline = data.get("pipeline", "StableDiffusionPipeline")  # files from before SDXL name none
     lines = [
-        f"### Generation, {data['size']} px, {data['steps']} DPM++ steps, CFG 7.5, {data['dtype']}",
+        f"### Generation, {pipeline}, {data['size']} px, {data['steps']} DPM++ steps, CFG 7.5, {data['dtype']}",
         "",
         "| side | batch | img/s | MFU | warm-up s |",
         "|---|---|---|---|---|",
     ]
+    sd15 = pipeline == "StableDiffusionPipeline" and (data["size"], data["steps"]) == (512, 25)  # the issue's count
     for row in data["rows"]:
         if "img_s" not in row:
             why = row.get("error") or f"skipped ({row.get('skipped')})"
-            lines.append(f"| {row['side']} | - | {why[:80].replace('|', '/')} | - | - |")
+            lines.append(f"| {row['side']} | {row.get('batch', '-')} | {why[:80].replace('|', '/')} | - | - |")
             continue
-        mfu = row["img_s"] * IMAGE_TFLOP / PEAK_TFLOPS if (data["size"], data["steps"]) == (512, 25) else None
+        mfu = row["img_s"] * IMAGE_TFLOP / PEAK_TFLOPS if sd15 else None
         lines.append(f"| {row['side']} | {row['batch']} | {row['img_s']:.2f} | {_num(mfu, '{:.1%}')} "
                      f"| {row['warmup_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    if not 2 <= len(sys.argv) <= 3:
+    if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    print(train_table(json.loads(Path(sys.argv[1]).read_text())))
-    if len(sys.argv) == 3:
-        print(generate_table(json.loads(Path(sys.argv[2]).read_text())))
+    for name in sys.argv[1:]:
+        data = json.loads(Path(name).read_text())
+        print(train_table(data) if "versions" in data else generate_table(data))
 
 
 if __name__ == "__main__":
