@@ -23,6 +23,7 @@ FAMILIES = {"sd2": ("sd2-tiny", "v_prediction"), "sdxl": ("sdxl-tiny", "epsilon"
 TEXT_ENCODERS = {"sd2": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}
 LORA_PREFIXES = {"sd2": {"lora_unet_", "lora_te_"}, "sdxl": {"lora_unet_", "lora_te1_", "lora_te2_"}}
 PIPELINES = {"sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+SECOND_ENCODER = {"sd2": [], "sdxl": ["--train-text-encoder-2"]}  # SDXL's second text encoder is opt-in
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -48,7 +49,8 @@ def test_full_training_trains_every_text_encoder_and_generates_and_exports(
         tmp_path, family_model, instance_dir, cache_env, capsys):
     family, model = family_model
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, *train_args(model, instance_dir, run, "--checkpointing-steps", "2"))
+    code, _, err = run_cli(capsys, *train_args(model, instance_dir, run, "--checkpointing-steps", "2",
+                                               *SECOND_ENCODER[family]))
     assert code == 0, err
     config = (run / "config.yaml").read_text()
     assert f"backbone: {family}" in config  # auto-detected from model_index.json and the UNet config
@@ -57,6 +59,11 @@ def test_full_training_trains_every_text_encoder_and_generates_and_exports(
     for name in TEXT_ENCODERS[family]:  # each text encoder trained (and was saved)
         trained, base = _weights(run / "model" / name), _weights(model / name)
         assert any(not torch.equal(trained[k], base[k]) for k in base), name
+        unused = [k for k in base if "final_layer_norm" in k or "layers.1." in k]  # tiny encoders: 2 layers
+        same = all(torch.equal(trained[k], base[k]) for k in unused)
+        # SDXL reads its first encoder at the penultimate layer: the last layer and final norm stay frozen
+        # (multi-GPU training refuses parameters without gradients).
+        assert same == (family == "sdxl" and name == "text_encoder"), name
     # The class images were drawn by this family's pipeline and cached under a key that names it.
     manifests = list(cache_env.rglob("manifest.json"))
     assert len(manifests) == 1 and json.loads(manifests[0].read_text())["spec"]["extra"] == {"family": family}
@@ -79,7 +86,8 @@ def test_full_training_trains_every_text_encoder_and_generates_and_exports(
 def test_lora_training_writes_the_family_kohya_layout(tmp_path, family_model, instance_dir, cache_env, capsys):
     family, model = family_model
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, *train_args(model, instance_dir, run, "--method", "lora", "--rank", "2"))
+    code, _, err = run_cli(capsys, *train_args(model, instance_dir, run, "--method", "lora", "--rank", "2",
+                                               *SECOND_ENCODER[family]))
     assert code == 0, err
     with safe_open(str(run / "model" / "lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
@@ -117,6 +125,26 @@ def test_resume_equals_uninterrupted_run(tmp_path, family_model, instance_dir, c
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
 
 
+def test_sdxl_keeps_its_vae_in_fp32_under_mixed_precision(tmp_path, instance_dir, cache_env, capsys, monkeypatch):
+    import style_dreambooth.training.loop as loop
+    from style_dreambooth.models.random_model import save_random_model
+
+    model = save_random_model("sdxl-tiny", tmp_path / "model")
+    seen = []
+    real = loop.LatentEncoder.__init__
+
+    def record(self, vae, device, dtype, *args, **kwargs):
+        seen.append((dtype, next(vae.parameters()).dtype))
+        real(self, vae, device, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(loop.LatentEncoder, "__init__", record)
+    code, _, err = run_cli(capsys, *train_args(model, instance_dir, tmp_path / "run", "--max-train-steps", "2",
+                                               "--mixed-precision", "bf16", "--validation-steps", "2"))
+    assert code == 0, err
+    assert seen == [(torch.float32, torch.float32)]
+    assert (tmp_path / "run" / "samples" / "step-000002.png").is_file()  # validation decoded in fp32
+
+
 def test_sdxl_trains_with_a_replacement_vae_and_refuses_a_bad_one(tmp_path, instance_dir, cache_env, capsys):
     from style_dreambooth.models.random_model import save_random_model
 
@@ -146,7 +174,7 @@ def test_first_20_losses_match_the_plain_reference(tmp_path, family_model, capsy
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, *train_args(
         model, instance_dir, run, "--class-dir", class_dir, "--max-train-steps", STEPS, "--learning-rate", LR,
-        "--no-8bit-adam",
+        "--no-8bit-adam", *SECOND_ENCODER[family],
     ))
     assert code == 0, err
     ours = [m["loss"] for m in _metrics(run)]
@@ -170,7 +198,7 @@ def test_sdxl_lora_file_loaded_by_diffusers_matches_the_fused_adapters(tmp_path)
     model = save_random_model("sdxl-tiny", tmp_path / "model")
     ours = StableDiffusionXLPipeline.from_pretrained(model)
     cfg = TrainConfig(instance_dir=tmp_path, instance_prompt="yltcaxe artstyle", output_dir=tmp_path / "o",
-                      method="lora", rank=4, lora_alpha=2.0)
+                      method="lora", rank=4, lora_alpha=2.0, train_text_encoder_2=True)
     lora = LoraTrainables(cfg, SDXL, ours.unet, SDXL.text_encoders(ours), "hash")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter: both factors non-zero
@@ -210,6 +238,18 @@ def _one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def test_a_damaged_model_index_is_one_line(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model_index.json").write_text("{not json")
+    code, _, err = run_cli(capsys, *train_args(broken, instance_dir, tmp_path / "run"))
+    _one_line_error(code, err, "model_index.json", "damaged")
+    code, _, err = run_cli(capsys, "generate", "--model", broken, "--prompt", "x", "--out", tmp_path / "g")
+    _one_line_error(code, err, "model_index.json")
 
 
 def test_a_model_of_an_unknown_family_lists_the_families_we_know(tmp_path, tiny_model, instance_dir, cache_env, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from clihelp import run_cli, train_args
 from conftest import write_style_images
@@ -75,7 +76,8 @@ def reference_losses(
             first = encoders[0](ids[0], output_hidden_states=True)
             second = encoders[1](ids[1], output_hidden_states=True)
             hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-            time_ids = torch.tensor([[*c.bank.original_sizes[c.index], c.top, c.left, 64, 64] for c in batch.crops],
+            sizes = [Image.open(c.bank.examples[c.index].path).size for c in batch.crops]  # (width, height)
+            time_ids = torch.tensor([[h, w, c.top, c.left, 64, 64] for (w, h), c in zip(sizes, batch.crops)],
                                     dtype=torch.float32, device=device)
             pred = unet(noisy, t, hidden, added_cond_kwargs={"text_embeds": second.text_embeds, "time_ids": time_ids}).sample
         else:

@@ -39,7 +39,8 @@ def _quiet_libraries() -> None:
 
 
 def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
+    """A yes/no option: bool, or bool | None (unset: a default that depends on something else)."""
+    return annotation is bool or set(typing.get_args(annotation)) == {bool, type(None)}
 
 
 def _is_list(annotation: Any) -> bool:
@@ -105,8 +106,15 @@ def train(config_file: Path | None, **flags: Any) -> None:
     out = given.get("output_dir", file_values.get("output_dir"))
     if given.get("resume_from_checkpoint") and out and (Path(out) / "config.yaml").is_file():
         # Resuming: the run's own resolved config is the base; the file and flags go on top. The family is
-        # read again from the base model's files, so a resume on another family's model is named as such.
-        saved = {k: v for k, v in read_yaml(Path(out) / "config.yaml").items() if k != "backbone"}
+        # read again from the base model's files when they name it, so a resume on another family's model
+        # is named as such.
+        saved = read_yaml(Path(out) / "config.yaml")
+        base_model = given.get("base_model", file_values.get("base_model", saved.get("base_model")))
+        if base_model:
+            from .models.backbones import detect_family
+
+            if detect_family(str(base_model), saved.get("revision")) is not None:
+                saved.pop("backbone", None)
         file_values = {**saved, **file_values}
     cfg = build_config(file_values, given)
     model_dir = run_training(cfg)

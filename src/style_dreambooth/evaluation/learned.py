@@ -26,13 +26,13 @@ from typing import Any, Sequence
 
 import torch
 
+from ..models.hub import hub_offline
 from ._images import ImageLike, as_rgb
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dinov2-small"
-_TRUTHY = {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass
@@ -50,11 +50,6 @@ class MetricResult:
     @property
     def ok(self) -> bool:
         return self.value is not None
-
-
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` is set to a true value (read at call time)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUTHY
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,8 @@ import huggingface_hub.constants
 import torch
 
 from ..errors import UserError
-from .backbones import Backbone, family_of_folder, get, resolve_backbone, single_file_family
+from .hub import hub_offline
+from .backbones import Backbone, family_of_folder, family_of_unet, get, resolve_backbone, single_file_family
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +35,8 @@ FINGERPRINT_CHUNK = 1 << 20  # bytes hashed at each end of a weight file
 # A Hub repo id: "name" or "owner/name" (letters, digits, '-', '_', '.').
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
-_TRUE = {"1", "on", "yes", "true"}
-
 
 # --------------------------------------------------------------------------- offline handling
-
-
-def hub_offline() -> bool:
-    """Whether Hugging Face Hub access is disabled (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``).
-
-    huggingface_hub reads these variables once, at import, so this also reads the environment now.
-    """
-    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().lower()
-    return env in _TRUE or bool(getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False))
 
 
 @contextlib.contextmanager
@@ -174,7 +163,8 @@ def load_pipeline(
     if path.is_dir():
         return _load_folder(path, torch_dtype, backbone)
     if path.is_file():
-        return _load_single_file(path, torch_dtype, allow_pickle, single_file_config, revision, offline, backbone)
+        pipe = _load_single_file(path, torch_dtype, allow_pickle, single_file_config, revision, offline, backbone)
+        return _agrees_with_its_unet(pipe, base_model)
     if path.exists():
         raise UserError(
             f"base model '{base_model}' is neither a folder nor a file; pass a diffusers folder or a .safetensors file"
@@ -186,7 +176,19 @@ def load_pipeline(
             f"base model '{base_model}' is neither an existing path nor a valid Hugging Face Hub id; "
             "pass a Hub id such as 'owner/name', a diffusers folder or a .safetensors file"
         )
-    return _load_hub(base_model, revision, torch_dtype, offline, backbone)
+    return _agrees_with_its_unet(_load_hub(base_model, revision, torch_dtype, offline, backbone), base_model)
+
+
+def _agrees_with_its_unet(pipe, base_model: str):
+    """A pipeline class chosen before the files could be read (an uncached hub id, a pickle) must fit the
+    UNet that loaded: diffusers builds what it is asked for and drops components it has no place for."""
+    found = family_of_unet(pipe.unet.config)
+    if not found.owns_pipeline_class(type(pipe).__name__, dict(pipe.unet.config)):
+        raise UserError(
+            f"base model '{base_model}' holds a {found.title} UNet but was read as {type(pipe).__name__}; "
+            f"pass --backbone {found.family}"
+        )
+    return pipe
 
 
 def _checked(requested: str, found: type[Backbone], base_model: object) -> type[Backbone]:

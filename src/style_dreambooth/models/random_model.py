@@ -74,11 +74,10 @@ def build_random_pipeline(shape: Shape, seed: int = 0, prediction_type: str = "e
     for module in parts.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
-    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+    import diffusers
 
-    # SDXL ships with Euler; SD 1.x and 2.x with PNDM. Either reads the other's config.
-    scheduler_class = EulerDiscreteScheduler if family.family == "sdxl" else PNDMScheduler
-    scheduler = scheduler_class.from_config(scheduler_config(prediction_type))
+    # Each family's releases ship with their own scheduler class; every one reads SD's config.
+    scheduler = getattr(diffusers, family.scheduler_class_name).from_config(scheduler_config(prediction_type))
     pipeline_class = family.pipeline_class()
     extra = {}
     if "safety_checker" in pipeline_class._optional_components:

@@ -11,6 +11,7 @@ from ..config import TrainConfig
 from ..data.class_cache import ClassImageSpec, default_cache_root, ensure_class_images
 from ..data.dataset import Example, class_examples
 from ..data.images import list_images
+from ..models.backbones import SD1
 from ..models.loading import load_run_base, model_identity
 from ..progress import progress_bar
 from ..sampling.generate import sample
@@ -18,6 +19,15 @@ from ..sampling.images import make_scheduler
 from .inputs import has_top_level_images
 
 log = logging.getLogger(__name__)
+
+
+def _extra_key(cfg: TrainConfig) -> dict:
+    """What else shapes the class images: the family whose pipeline draws them (SD 1.x keys stay as they
+    were before there were families, so their caches stay valid) and a replacement VAE."""
+    extra = {} if cfg.backbone == SD1.family else {"family": cfg.backbone}
+    if cfg.vae:
+        extra["vae"] = model_identity(cfg.vae)
+    return extra
 
 
 def class_image_examples(
@@ -41,7 +51,7 @@ def class_image_examples(
         seed=cfg.seed,
         prompts=prompts,
         batch_size=cfg.sample_batch_size,
-        extra={"family": cfg.backbone},  # the family's own pipeline draws them
+        extra=_extra_key(cfg),
     )
 
     def make_generator():

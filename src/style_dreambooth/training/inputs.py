@@ -12,7 +12,7 @@ from ..config import TrainConfig
 from ..data.dataset import Example, class_prompts_for
 from ..data.images import IMAGE_EXTENSIONS
 from ..errors import UserError
-from ..models.backbones import get, resolve_backbone
+from ..models.backbones import get, native_resolution, resolve_backbone
 from ..models.tokenizer import check_instance_prompt_fits, warn_if_truncated
 from .run_folder import RunFolder
 
@@ -75,10 +75,11 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 def resolve_family(cfg: TrainConfig) -> TrainConfig:
     """--backbone auto becomes the family the base model's files name (a contradiction is refused), and
-    the resolution defaults to that family's."""
+    the resolution defaults to the size the model was trained at (its UNet's sample size; SD 2.x-base 512,
+    2.x-v 768), or to the family's when its configs cannot be read (a single file)."""
     backbone = resolve_backbone(cfg.backbone, cfg.base_model, cfg.revision)
-    return cfg.model_copy(update={"backbone": backbone.family,
-                                  "resolution": cfg.resolution or backbone.default_resolution})
+    resolution = cfg.resolution or native_resolution(cfg.base_model, cfg.revision) or backbone.default_resolution
+    return cfg.model_copy(update={"backbone": backbone.family, "resolution": resolution})
 
 
 def resolve_class_prompt(cfg: TrainConfig) -> str:

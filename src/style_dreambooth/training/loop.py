@@ -119,6 +119,7 @@ class Base:
     pipe: Any
     text_encoders: dict[str, torch.nn.Module]
     identifier: str | None
+    timestep_range: tuple[int, int]
 
 
 @dataclass
@@ -218,7 +219,8 @@ def load_base(setup: Setup) -> Base:
     text_encoders = backbone.text_encoders(pipe)
     if cfg.method == "lora":
         lora_targets(cfg, backbone, pipe.unet, text_encoders)
-    return Base(backbone, pipe, text_encoders, _checked_identifier(setup, pipe.tokenizer))
+    timestep_range = trained_timesteps(cfg, pipe.scheduler.config["num_train_timesteps"])
+    return Base(backbone, pipe, text_encoders, _checked_identifier(setup, pipe.tokenizer), timestep_range)
 
 
 # --------------------------------------------------------------------------- data
@@ -249,7 +251,8 @@ def load_models(setup: Setup, loaded: Base, instances: ImageBank, classes: Image
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
     vae = base.vae
     vae.requires_grad_(False)
-    vae_dtype = torch.float32 if backbone.vae_needs_fp32 and not cfg.vae else weight_dtype
+    # SDXL's VAE overflows in half precision; a fixed one (--vae) says so with force_upcast false.
+    vae_dtype = torch.float32 if backbone.vae_needs_fp32 and vae.config.get("force_upcast", True) else weight_dtype
     vae.to(device, dtype=vae_dtype)
     encoder = LatentEncoder(vae, device, vae_dtype, cache=cfg.cache_latents)
     fixed = encoder.fixed_crops([instances] + ([classes] if classes is not None else []), cfg.center_crop)
@@ -277,8 +280,7 @@ def load_models(setup: Setup, loaded: Base, instances: ImageBank, classes: Image
     return Models(
         backbone, base, text_encoders, trainables, encoder,
         PromptEncoder(backbone, backbone.tokenizers(base), device),
-        noise_scheduler, trained_timesteps(cfg, noise_scheduler.config["num_train_timesteps"]),
-        noise_scheduler.alphas_cumprod.to(device),
+        noise_scheduler, loaded.timestep_range, noise_scheduler.alphas_cumprod.to(device),
     )
 
 
@@ -413,7 +415,7 @@ def validate(setup: Setup, models: Models, step: int) -> None:
     for m in models.trained.values():
         m.eval()
     images = []
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast(), _decode_outside_autocast(pipe.vae):
         for prompt in cfg.validation_prompt or [cfg.instance_prompt]:
             seeds = [cfg.seed + i for i in range(cfg.num_validation_images)]
             images += sample(pipe, prompt, seeds, steps=cfg.validation_inference_steps,
@@ -422,6 +424,26 @@ def validate(setup: Setup, models: Models, step: int) -> None:
         m.train()
     setup.run.samples.mkdir(exist_ok=True)
     save_png(make_grid(images, cols=cfg.num_validation_images), setup.run.samples / f"step-{step:06d}.png")
+
+
+@contextlib.contextmanager
+def _decode_outside_autocast(vae):
+    """A VAE kept in fp32 (SDXL's) also decodes in fp32: under autocast its convolutions would run in
+    half precision and overflow, the very thing keeping it fp32 avoids."""
+    if vae.dtype != torch.float32:
+        yield
+        return
+    decode = vae.decode
+
+    def fp32_decode(latents, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return decode(latents.float(), *args, **kwargs)
+
+    vae.decode = fp32_decode
+    try:
+        yield
+    finally:
+        del vae.decode  # the instance attribute goes; the class's method shows through again
 
 
 def save_step_checkpoint(setup: Setup, models: Models, optimisation: Optimisation, step: int) -> None:

@@ -37,5 +37,5 @@ def check_fits_in_memory(cfg: TrainConfig) -> None:
         raise UserError(
             f"--resolution {cfg.resolution} cannot fit: one image through the VAE alone needs at least "
             f"{format_bytes(needed)}, and this machine has {format_bytes(have)} of {what}; "
-            "SD 1.x trains at 512 (768 at most)"
+            "SD 1.x trains at 512, SD 2.x at 768, SDXL at 1024"
         )

@@ -41,11 +41,23 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def trained_text_encoders(cfg: TrainConfig, backbone: type[Backbone]) -> list[str]:
-    """The family's text encoders that train: the first with --train-text-encoder, SDXL's second with
-    --train-text-encoder-2 (which follows --train-text-encoder unless given)."""
-    wanted = {"text_encoder": cfg.train_text_encoder, "text_encoder_2": (
-        cfg.train_text_encoder if cfg.train_text_encoder_2 is None else cfg.train_text_encoder_2)}
-    return [name for name in backbone.text_encoder_names if wanted.get(name, cfg.train_text_encoder)]
+    """The family's text encoders that train: with --train-text-encoder those the family trains by default;
+    a second encoder (SDXL's) also by --train-text-encoder-2, which overrides that default."""
+    if "text_encoder_2" not in backbone.text_encoder_names and (
+            cfg.train_text_encoder_2 is not None or cfg.text_encoder_2_lr is not None):
+        raise UserError(f"--train-text-encoder-2 and --text-encoder-2-lr are for a second text encoder; "
+                        f"{backbone.title} models have one")
+    chosen = [n for n in backbone.text_encoder_names if cfg.train_text_encoder and n in backbone.default_trained_text_encoders]
+    if cfg.train_text_encoder_2 is not None:
+        chosen = [n for n in chosen if n != "text_encoder_2"] + (["text_encoder_2"] if cfg.train_text_encoder_2 else [])
+    return chosen
+
+
+def freeze_unused(backbone: type[Backbone], text_encoders: dict[str, torch.nn.Module]) -> None:
+    """Keep the parts of the text encoders that the conditioning never reads out of training."""
+    for name, encoder in text_encoders.items():
+        for module in backbone.unused_modules(name, encoder):
+            module.requires_grad_(False)
 
 
 def learning_rate(cfg: TrainConfig, module: str) -> float:
@@ -71,6 +83,7 @@ class FullTrainables:
         unet.requires_grad_(True)
         for name, encoder in text_encoders.items():
             encoder.requires_grad_(name in trained)
+        freeze_unused(backbone, text_encoders)
         self.modules = {"unet": unet, **{name: text_encoders[name] for name in trained}}
         self._embeddings = []
         if trained and cfg.text_encoder_scope == "identifier":
@@ -164,6 +177,7 @@ class LoraTrainables:
             inject_adapter_in_model(config, model)
             for name, param in model.named_parameters():
                 param.requires_grad_("lora_" in name)
+        freeze_unused(backbone, text_encoders)  # their adapters too
         self.modules = {role: model for role, (model, _) in found.items()}
 
     def param_groups(self) -> list[dict[str, Any]]:

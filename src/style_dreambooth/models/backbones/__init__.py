@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserError
+from ..hub import hub_offline
 from .base import Backbone, ImageSize, PromptEmbeds, PromptEncoder, prediction_type, tokenize
 from .sd1 import SD1
 from .sd2 import SD2
@@ -21,7 +22,7 @@ CHOICES = ("auto", *FAMILIES)
 
 __all__ = [
     "SD1", "SD2", "SDXL", "Backbone", "CHOICES", "FAMILIES", "ImageSize", "PromptEmbeds", "PromptEncoder", "backbone_of",
-    "detect_family", "family_of_folder", "family_of_lora", "family_of_unet", "single_file_family", "single_file_keys", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
+    "detect_family", "family_of_folder", "hub_config_folder", "native_resolution", "family_of_lora", "family_of_unet", "single_file_family", "single_file_keys", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
     "tokenize",
 ]
 
@@ -44,12 +45,37 @@ def _family_of_index(class_name: str, unet_config: dict[str, Any], where: str) -
     raise UserError(f"{where} is a {class_name or 'model of no pipeline class'}, not a family we know: {known()}")
 
 
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise UserError(f"'{file}' is not a readable JSON file ({type(exc).__name__}); the model folder is damaged") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{file}' holds no JSON object; the model folder is damaged")
+    return data
+
+
 def family_of_folder(folder: Path) -> type[Backbone]:
     """The family of a diffusers folder, from model_index.json's `_class_name` and the UNet's config."""
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    index = _read_json(folder / "model_index.json")
     unet_file = folder / "unet" / "config.json"
-    unet = json.loads(unet_file.read_text(encoding="utf-8")) if unet_file.is_file() else {}
+    unet = _read_json(unet_file) if unet_file.is_file() else {}
     return _family_of_index(str(index.get("_class_name", "")), unet, f"model '{folder}'")
+
+
+def native_resolution(base_model: str, revision: str | None = None) -> int | None:
+    """The size a diffusers model's UNet was trained at (sample size x the VAE's downscale) when its
+    configs can be read: a folder or a hub id's cached configs; None for a single file."""
+    path = Path(str(base_model)).expanduser()
+    folder = path if path.is_dir() else None if path.exists() else hub_config_folder(str(base_model), revision)
+    if folder is None:
+        return None
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def family_of_single_file(keys: set[str], where: str) -> type[Backbone]:
@@ -136,15 +162,26 @@ def detect_family(base_model: str, revision: str | None = None) -> type[Backbone
         return single_file_family(path)
     if path.exists():
         return None
+    folder = hub_config_folder(str(base_model), revision)
+    return family_of_folder(folder) if folder is not None else None
+
+
+def hub_config_folder(hub_id: str, revision: str | None = None) -> Path | None:
+    """The snapshot folder holding a hub model's model_index.json (and UNet and VAE configs): from the
+    local cache, or, when the Hub may be used, after downloading those few kilobytes; None if neither."""
     import huggingface_hub
 
+
+
     try:
-        found = huggingface_hub.try_to_load_from_cache(str(base_model), "model_index.json", revision=revision)
-    except Exception:  # noqa: BLE001 - an invalid id or an unreadable cache: nothing to read
+        found = huggingface_hub.try_to_load_from_cache(hub_id, "model_index.json", revision=revision)
+        if not isinstance(found, str) and not hub_offline():
+            found = huggingface_hub.hf_hub_download(hub_id, "model_index.json", revision=revision)
+            for config in ("unet/config.json", "vae/config.json"):
+                huggingface_hub.hf_hub_download(hub_id, config, revision=revision)
+    except Exception:  # noqa: BLE001 - an invalid id, no network, an unreadable cache: nothing to read
         return None
-    if isinstance(found, str):
-        return family_of_folder(Path(found).parent)
-    return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def resolve_backbone(requested: str, base_model: str, revision: str | None = None) -> type[Backbone]:

@@ -45,9 +45,14 @@ class Backbone:
     title: ClassVar[str]
     default_resolution: ClassVar[int]
     pipeline_class_name: ClassVar[str]
+    # model_index.json class names a folder of this family may carry (the pipeline it was saved from).
+    folder_class_names: ClassVar[tuple[str, ...]] = ()
     controlnet_pipeline_class_name: ClassVar[str | None] = None
+    scheduler_class_name: ClassVar[str] = "PNDMScheduler"  # what the family's releases ship with
     # Component names of the pipeline, in the pipeline's own spelling.
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # The text encoders --train-text-encoder trains unless a per-encoder flag says otherwise.
+    default_trained_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     # kohya LoRA key prefixes per trained module.
     lora_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -90,7 +95,7 @@ class Backbone:
     @classmethod
     def owns_pipeline_class(cls, class_name: str, unet_config: dict[str, Any]) -> bool:
         """Whether a diffusers folder with this model_index `_class_name` and UNet config is ours."""
-        raise NotImplementedError
+        return class_name in (cls.pipeline_class_name, *cls.folder_class_names) and cls.owns_unet_config(unet_config)
 
     @classmethod
     def owns_unet_config(cls, config: dict[str, Any]) -> bool:
@@ -107,6 +112,12 @@ class Backbone:
     @classmethod
     def text_encoders(cls, pipe) -> dict[str, torch.nn.Module]:
         return {name: getattr(pipe, name) for name in cls.text_encoder_names}
+
+    @classmethod
+    def unused_modules(cls, name: str, text_encoder: torch.nn.Module) -> list[torch.nn.Module]:
+        """Parts of a text encoder the conditioning never reads (they get no gradient, which multi-GPU
+        training refuses), so they stay frozen."""
+        return []
 
     @classmethod
     def tokenizers(cls, pipe) -> list:

@@ -56,14 +56,11 @@ class SD1(Backbone):
     title = "Stable Diffusion 1.x"
     default_resolution = 512
     pipeline_class_name = "StableDiffusionPipeline"
+    folder_class_names = ("StableDiffusionImg2ImgPipeline",)
     controlnet_pipeline_class_name = "StableDiffusionControlNetPipeline"
     kohya_base_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1"
     shapes = {"tiny": tiny, "sd15": sd15}
-
-    @classmethod
-    def owns_pipeline_class(cls, class_name: str, unet_config: dict[str, Any]) -> bool:
-        return class_name == cls.pipeline_class_name and cls.owns_unet_config(unet_config)
 
     @classmethod
     def owns_unet_config(cls, config: dict[str, Any]) -> bool:

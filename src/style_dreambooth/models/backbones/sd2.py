@@ -42,10 +42,6 @@ class SD2(SD1):
         return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
 
     @classmethod
-    def owns_pipeline_class(cls, class_name: str, unet_config: dict[str, Any]) -> bool:
-        return class_name == cls.pipeline_class_name and cls.owns_unet_config(unet_config)
-
-    @classmethod
     def owns_unet_config(cls, config: dict[str, Any]) -> bool:
         return _is_sd2_unet(config) and not config.get("addition_embed_type")
 

@@ -77,9 +77,14 @@ class SDXL(Backbone):
     title = "Stable Diffusion XL"
     default_resolution = 1024
     pipeline_class_name = "StableDiffusionXLPipeline"
+    folder_class_names = ("StableDiffusionXLImg2ImgPipeline",)
     controlnet_pipeline_class_name = "StableDiffusionXLControlNetPipeline"
+    scheduler_class_name = "EulerDiscreteScheduler"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
+    # Training the 695M-parameter second encoder too is opt-in (--train-text-encoder-2), as in kohya's and
+    # diffusers' SDXL trainers: with it a full fine-tune's optimizer state alone outgrows a 48 GB card.
+    default_trained_text_encoders = ("text_encoder",)
     lora_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     kohya_base_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base"
@@ -91,8 +96,13 @@ class SDXL(Backbone):
     vae_needs_fp32 = True
 
     @classmethod
-    def owns_pipeline_class(cls, class_name: str, unet_config: dict[str, Any]) -> bool:
-        return class_name == cls.pipeline_class_name
+    def unused_modules(cls, name: str, text_encoder: torch.nn.Module) -> list[torch.nn.Module]:
+        """The first encoder is read at its penultimate layer, so its last layer and final norm are unused
+        (the second's feed the pooled vector)."""
+        if name != "text_encoder":
+            return []
+        model = getattr(text_encoder, "text_model", text_encoder)
+        return [model.encoder.layers[-1], model.final_layer_norm]
 
     @classmethod
     def owns_unet_config(cls, config: dict[str, Any]) -> bool:
