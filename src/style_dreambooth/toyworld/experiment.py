@@ -20,6 +20,7 @@ Metrics (see :class:`ExperimentMetrics`):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -79,6 +80,8 @@ class ExperimentConfig:
     # evaluation
     eval_steps: int = 25
     eval_seeds: int = 3  # per held-out (subject, colour) cell
+    eval_seed0: int = 1000  # first eval seed (another value: a disjoint eval-seed set)
+    token_first: bool = True  # also "yltcaxe artstyle, a yellow star" (identifier before the subject)
     drift_seeds: int = 12  # for the class prompt "artstyle"
     heldout_subjects: tuple[str, ...] = HELDOUT_SUBJECTS
     heldout_colours: tuple[str, ...] = HELDOUT_COLOURS
@@ -118,6 +121,11 @@ class ExperimentMetrics:
     train_seconds: float
     total_seconds: float
     config: dict = field(default_factory=dict)
+    # the identifier first ("yltcaxe artstyle, a yellow star"; None when not measured)
+    style_hit_rate_token_first: float | None = None
+    subject_acc_token_first: float | None = None
+    colour_acc_token_first: float | None = None
+    base_subject_acc_token_first: float | None = None  # the base model reads that order poorly too
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -270,10 +278,12 @@ class _Probe:
 
     def __init__(self, cfg: ExperimentConfig, judges: Judges, instances: list[Image.Image]) -> None:
         self.cfg, self.judges, self.instances = cfg, judges, instances
-        seeds = list(range(1000, 1000 + cfg.eval_seeds))
+        seeds = list(range(cfg.eval_seed0, cfg.eval_seed0 + cfg.eval_seeds))
         self.jobs = {"plain": grid_jobs(cfg.heldout_subjects, cfg.heldout_colours, seeds)}
         plain = self.jobs["plain"]
         self.jobs["token"] = [Job(f"{j.prompt}, {cfg.instance_prompt}", j.seeds, j.subjects, ARTIST_STYLE) for j in plain]
+        first = [Job(f"{cfg.instance_prompt}, {j.prompt}", j.seeds, j.subjects, ARTIST_STYLE) for j in plain]
+        self.jobs["token_first"] = first if cfg.token_first else []
         self.jobs["class"] = [Job(f"{j.prompt}, {cfg.class_prompt}", j.seeds, j.subjects) for j in plain]
         self.jobs["drift"] = [Job(cfg.class_prompt, tuple(range(2000, 2000 + cfg.drift_seeds)), (("", ""),))]
         self.jobs["bare"] = [Job(cfg.instance_prompt, tuple(range(3000, 3000 + cfg.drift_seeds)), (("", ""),))]
@@ -281,8 +291,10 @@ class _Probe:
         self.pair_seeds = list(range(5000, 5000 + cfg.pair_seeds))  # as scripts/proof_world_composition.py
         base = load_pipe(cfg.base_model)
         self.base_img = {name: generate_jobs(base, self.jobs[name], cfg.eval_steps, label=f"base: {name}")
-                         for name in ("token", "plain", "drift")}
+                         for name in ("token", "plain", "drift", "token_first")}
         self.base_plain = score_single(judges, self.jobs["plain"], self.base_img["plain"])
+        self.base_first = (score_single(judges, self.jobs["token_first"], self.base_img["token_first"])
+                           if cfg.token_first else None)
         self.base_token = score_single(judges, self.jobs["token"], self.base_img["token"])
         self.base_mix = _style_mix(judges, _flat(self.base_img["drift"]))
         self.two_base = self.two_base_layout = None
@@ -293,12 +305,21 @@ class _Probe:
             self.two_base, self.two_base_layout = scores["prompt"].success, scores[cfg.layout_way].success
         self.threshold = calibrate_memorisation(instances, cfg.seed)
 
+    def for_instances(self, instances: list[Image.Image], seed: int) -> "_Probe":
+        """The same prompts and base images, for a run trained on other instance images (another
+        training seed): only the memorisation reference changes."""
+        probe = copy.copy(self)
+        probe.cfg = replace(self.cfg, seed=seed)
+        probe.instances, probe.threshold = instances, calibrate_memorisation(instances, seed)
+        return probe
+
     def measure(self, tuned, train_seconds: float, t0: float, gallery: Gallery | None = None,
                 label: str = "fine-tuned") -> ExperimentMetrics:
         cfg, judges, jobs = self.cfg, self.judges, self.jobs
         t_img = {name: generate_jobs(tuned, jobs[name], cfg.eval_steps, label=f"{label}: {name}")
-                 for name in ("token", "plain", "class", "drift", "bare")}
+                 for name in ("token", "plain", "class", "drift", "bare", "token_first")}
         tok = score_single(judges, jobs["token"], t_img["token"])
+        first = score_single(judges, jobs["token_first"], t_img["token_first"]) if cfg.token_first else None
         pla = score_single(judges, jobs["plain"], t_img["plain"])
         cla = score_single(judges, jobs["class"], t_img["class"])
         leak_n = pla.n + cla.n
@@ -352,6 +373,10 @@ class _Probe:
             train_seconds=train_seconds,
             total_seconds=time.perf_counter() - t0,
             config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            style_hit_rate_token_first=first.style_rate(ARTIST_STYLE) if first else None,
+            subject_acc_token_first=first.subject_acc if first else None,
+            colour_acc_token_first=first.colour_acc if first else None,
+            base_subject_acc_token_first=self.base_first.subject_acc if first else None,
         )
 
 
@@ -375,13 +400,19 @@ def run_experiment(cfg: ExperimentConfig, work: Path, judges: Judges | None = No
     t0 = time.perf_counter()
     work = Path(work)
     judges = judges or Judges.load()
-    instance_dir, instances = _prepare(cfg, work)
-    t_train = time.perf_counter()
-    model_dir = train(train_config(cfg, work, instance_dir))
-    train_seconds = time.perf_counter() - t_train
-    metrics = _Probe(cfg, judges, instances).measure(_load_run(model_dir.parent), train_seconds, t0, gallery)
+    run, instances, train_seconds = train_only(cfg, work)
+    metrics = _Probe(cfg, judges, instances).measure(_load_run(run), train_seconds, t0, gallery)
     (work / "metrics.json").write_text(metrics.to_json(), encoding="utf-8")
     return metrics
+
+
+def train_only(cfg: ExperimentConfig, work: Path) -> tuple[Path, list[Image.Image], float]:
+    """The fine-tune of :func:`run_experiment` without its measurement: (run folder, instance images,
+    training seconds)."""
+    instance_dir, instances = _prepare(cfg, Path(work))
+    t_train = time.perf_counter()
+    model_dir = train(train_config(cfg, Path(work), instance_dir))
+    return model_dir.parent, instances, time.perf_counter() - t_train
 
 
 def run_curve(cfg: ExperimentConfig, work: Path, steps: list[int], judges: Judges | None = None
