@@ -23,7 +23,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from ..config import TrainConfig
 from ..data.class_cache import ClassImageSpec, default_cache_root, ensure_class_images
 from ..data.dataset import (
-    Example, ImageBank, SampleOrder, class_examples, class_prompts_for, instance_examples, make_batch, sample_numbers,
+    CaptionRules, Example, ImageBank, SampleOrder, class_examples, class_prompts_for, instance_examples, make_batch, sample_numbers,
 )
 from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.latent_cache import LatentEncoder
@@ -457,6 +457,8 @@ def _train(cfg: TrainConfig) -> Path:
                     batch = make_batch(
                         sample_numbers(step, micro, accum, world, rank, cfg.train_batch_size),
                         instances, instance_order, classes, class_order, cfg.center_crop,
+                        CaptionRules(cfg.shuffle_caption, cfg.caption_tag_dropout_rate,
+                                     (cfg.instance_prompt, class_prompt or "")),
                     )
                     step_seed = _step_seed(cfg.seed, step, micro, rank)
                     gen = torch.Generator(device=accelerator.device).manual_seed(step_seed)
