@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -67,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="first eval seed of each eval-seed set, eval_seeds (2) seeds each (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="the demo's quick recipe (demo_config(quick=True))")
     ap.add_argument("--set", action="append", default=[], help="key=value (ExperimentConfig or TrainConfig field)")
-    ap.add_argument("--keep-runs", action="store_true", help="keep the trained weights (default: delete them)")
+    ap.add_argument("--drop-runs", action="store_true",
+                    help="delete the trained weights (default: keep them, so more eval sets reuse them)")
     ap.add_argument("--threads", type=int, default=1)
     return ap.parse_args(argv)
 
@@ -103,7 +106,16 @@ def run_variant(args: argparse.Namespace) -> dict:
                     done[e] = saved
         if len(done) < len(eval_sets):
             t0 = time.perf_counter()
-            run, instances, train_seconds = train_only(seed_cfg, work)
+            trained = work / "trained.json"  # the settings of the kept run, to reuse it for more eval sets
+            key = _comparable(json.loads(json.dumps(asdict(seed_cfg)))) | {"seed": seed}
+            if (work / "run" / "model" / "model_index.json").is_file() and trained.is_file() \
+                    and json.loads(trained.read_text())["key"] == key:
+                run, train_seconds = work / "run", json.loads(trained.read_text())["train_seconds"]
+                instances = [Image.open(p).convert("RGB") for p in sorted((work / "instance").glob("*.png"))]
+            else:
+                trained.unlink(missing_ok=True)
+                run, instances, train_seconds = train_only(seed_cfg, work)
+                trained.write_text(json.dumps({"key": key, "train_seconds": train_seconds}), encoding="utf-8")
             tuned = _load_run(run)
             for e in eval_sets:
                 if e in done:
@@ -118,9 +130,7 @@ def run_variant(args: argparse.Namespace) -> dict:
                 done[e] = record
                 print(f"seed {seed} eval {e}: " + ", ".join(f"{h} {record[k]:.2f}" for k, h in zip(KEYS, HEAD)),
                       flush=True)
-            if not args.keep_runs:
-                import shutil
-
+            if args.drop_runs:
                 shutil.rmtree(run, ignore_errors=True)
         results[seed] = done
     return {"config": _comparable(asdict(cfg)), "settings": args.set, "quick": args.quick, "results": results}

@@ -61,3 +61,17 @@ def test_config_takes_the_caption_options():
     assert not TrainConfig(instance_dir=".", instance_prompt="x y", output_dir="o").shuffle_caption
     with pytest.raises(ValueError, match="caption_tag_dropout_rate"):
         TrainConfig(instance_dir=".", instance_prompt="x y", output_dir="o", caption_tag_dropout_rate=1.0)
+
+
+def test_class_prompts_join_those_from_the_captions():
+    from style_dreambooth.training.loop import generated_class_prompts
+
+    base = dict(instance_dir=".", instance_prompt="yltcaxe artstyle", output_dir="o")
+    instances = [Example(Path("a.png"), "a red circle, yltcaxe artstyle"), Example(Path("b.png"), "yltcaxe artstyle")]
+    extra = ["a yellow circle, artstyle", "a red circle, artstyle"]
+    cfg = TrainConfig(**base, class_prompts_from_captions=True, class_prompts=extra)
+    assert generated_class_prompts(cfg, "artstyle", instances) == (
+        "a red circle, artstyle", "artstyle", "a yellow circle, artstyle")
+    cfg = TrainConfig(**base, class_prompts="a yellow circle, artstyle")  # one prompt, no list
+    assert generated_class_prompts(cfg, "artstyle", instances) == ("a yellow circle, artstyle",)
+    assert generated_class_prompts(TrainConfig(**base), "artstyle", instances) == ()

@@ -81,6 +81,11 @@ class TrainConfig(BaseModel):
         description="Drop each comma-separated part of a training prompt with this probability per sample, as "
         "kohya's --caption_tag_dropout_rate; the instance and class prompts themselves are always kept.",
     )
+    class_prompts: list[str] = Field(
+        default_factory=list,
+        description="More prompts to generate class images from (repeatable), cycled with those from the captions, "
+        "e.g. 'a yellow circle, artstyle' so that prior preservation also holds colours the instance images lack.",
+    )
     num_class_images: int = Field(50, ge=1, description="Number of class images.")
     sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
     class_inference_steps: int = Field(25, ge=1, description="Sampler steps per generated class image.")
@@ -167,8 +172,9 @@ class TrainConfig(BaseModel):
                 data = {**data, "mixed_precision": "no"}
             if data.get("learning_rate") is None:
                 data = {**data, "learning_rate": 1e-4 if data.get("method") == "lora" else 1e-6}
-            if isinstance(data.get("validation_prompt"), str):  # one prompt written without a list
-                data = {**data, "validation_prompt": [data["validation_prompt"]]}
+            for key in ("validation_prompt", "class_prompts"):
+                if isinstance(data.get(key), str):  # one prompt written without a list
+                    data = {**data, key: [data[key]]}
             targets = data.get("lora_targets")
             if isinstance(targets, str):
                 targets = [targets]

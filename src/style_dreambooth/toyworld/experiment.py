@@ -64,6 +64,7 @@ class ExperimentConfig:
     with_prior_preservation: bool = True
     train_text_encoder: bool = True
     num_class_images: int = 50
+    class_prompt_colours: tuple[str, ...] = ()  # also class images of the instance subjects in these colours
     class_inference_steps: int = 25
     learning_rate: float = 1e-4
     text_encoder_lr: float | None = 5e-3  # None: same as learning_rate
@@ -257,6 +258,8 @@ def train_config(cfg: ExperimentConfig, work: Path, instance_dir: Path) -> Train
         checkpointing_steps=0,
         logging_steps=10,
     )
+    if cfg.class_prompt_colours:
+        tcfg.class_prompts = [f"a {c} {k}, {cfg.class_prompt}" for k in INSTANCE_SUBJECTS for c in cfg.class_prompt_colours]
     if not cfg.train_overrides:
         return tcfg
     return TrainConfig.model_validate({**tcfg.model_dump(), **cfg.train_overrides})
