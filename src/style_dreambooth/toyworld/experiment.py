@@ -418,6 +418,27 @@ def train_only(cfg: ExperimentConfig, work: Path) -> tuple[Path, list[Image.Imag
     return model_dir.parent, instances, time.perf_counter() - t_train
 
 
+def run_seeds(cfg: ExperimentConfig, work: Path, seeds: list[int], eval_seed0s: tuple[int, ...] = (1000,),
+              judges: Judges | None = None) -> dict[int, dict[int, ExperimentMetrics]]:
+    """The recipe ``cfg`` trained with each of ``seeds`` (other instance images, noise and data order),
+    each run judged on the eval-seed sets starting at ``eval_seed0s``; the base model's images are
+    made once per eval set. ``work/seed-S`` holds each run. Returns {seed: {eval_seed0: metrics}}."""
+    judges = judges or Judges.load()
+    probes: dict[int, _Probe] = {}
+    out: dict[int, dict[int, ExperimentMetrics]] = {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        run, instances, train_seconds = train_only(replace(cfg, seed=seed), Path(work) / f"seed-{seed}")
+        tuned = _load_run(run)
+        out[seed] = {}
+        for e in eval_seed0s:
+            if e not in probes:
+                probes[e] = _Probe(replace(cfg, seed=seed, eval_seed0=e), judges, instances)
+            out[seed][e] = probes[e].for_instances(instances, seed).measure(tuned, train_seconds, t0,
+                                                                            label=f"seed {seed}, eval {e}")
+    return out
+
+
 def run_curve(cfg: ExperimentConfig, work: Path, steps: list[int], judges: Judges | None = None
               ) -> dict[int, ExperimentMetrics]:
     """One run of ``max(steps)`` steps, measured at each of ``steps`` from its checkpoints.
