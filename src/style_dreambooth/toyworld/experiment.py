@@ -65,6 +65,7 @@ class ExperimentConfig:
     train_text_encoder: bool = True
     num_class_images: int = 50
     class_prompt_colours: tuple[str, ...] = ()  # also class images of the instance subjects in these colours
+    plain_class_prompts: bool = False  # also class images of the bare subjects ("a red circle", no class prompt)
     class_inference_steps: int = 25
     learning_rate: float = 1e-4
     text_encoder_lr: float | None = 5e-3  # None: same as learning_rate
@@ -258,11 +259,23 @@ def train_config(cfg: ExperimentConfig, work: Path, instance_dir: Path) -> Train
         checkpointing_steps=0,
         logging_steps=10,
     )
-    if cfg.class_prompt_colours:
-        tcfg.class_prompts = [f"a {c} {k}, {cfg.class_prompt}" for k in INSTANCE_SUBJECTS for c in cfg.class_prompt_colours]
+    tcfg.class_prompts = extra_class_prompts(cfg)
     if not cfg.train_overrides:
         return tcfg
     return TrainConfig.model_validate({**tcfg.model_dump(), **cfg.train_overrides})
+
+
+def extra_class_prompts(cfg: ExperimentConfig) -> list[str]:
+    """``--class-prompts`` of the recipe: the instance subjects in ``class_prompt_colours`` with the
+    class prompt, and with ``plain_class_prompts`` the same subjects (or the instance captions'
+    subjects) without it, so prior preservation also holds prompts that name no style."""
+    colours = cfg.class_prompt_colours
+    cells = [(k, c) for k in INSTANCE_SUBJECTS for c in colours]
+    prompts = [f"a {c} {k}, {cfg.class_prompt}" for k, c in cells]
+    if cfg.plain_class_prompts:
+        cells = cells or [(s.main.kind, s.main.colour) for s in instance_scenes(cfg.n_instances, cfg.seed)]
+        prompts += [f"a {c} {k}" for k, c in dict.fromkeys(cells)]
+    return prompts
 
 
 @dataclass
