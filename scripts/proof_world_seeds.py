@@ -80,13 +80,7 @@ def _comparable(config: dict) -> dict:
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    cfg = experiment_config(args.set)  # demo_config() with the settings
-    if args.quick:  # the demo's quick recipe, with the settings on top again
-        quick = demo_config(quick=True)
-        own = {k: getattr(experiment_config(args.set), k) for k in ("max_train_steps", "learning_rate",
-                                                                       "class_inference_steps", "eval_steps")}
-        plain = demo_config()
-        cfg = replace(cfg, **{k: v if v != getattr(plain, k) else getattr(quick, k) for k, v in own.items()})
+    cfg = experiment_config(args.set, demo_config(quick=args.quick))  # the recipe with the settings
     cfg = replace(cfg, drift_seeds=4, pairs=False)
     seeds = [int(s) for s in args.seeds.split(",")]
     eval_sets = [int(s) for s in args.eval_sets.split(",")]
