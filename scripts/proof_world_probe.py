@@ -44,8 +44,8 @@ PROMPTS = ("a yellow star, yltcaxe artstyle", "a yellow star, artstyle", "a yell
            "yltcaxe artstyle", "artstyle")
 
 
-def experiment_config(settings: list[str]) -> ExperimentConfig:
-    cfg = replace(demo_config(), pairs=False)
+def experiment_config(settings: list[str], base: ExperimentConfig | None = None) -> ExperimentConfig:
+    cfg = replace(base or demo_config(), pairs=False)
     own = {f.name for f in fields(ExperimentConfig)}
     overrides: dict = {}
     for item in settings:
@@ -54,7 +54,7 @@ def experiment_config(settings: list[str]) -> ExperimentConfig:
             setattr(cfg, key, yaml.safe_load(value))
         else:
             overrides[key] = yaml.safe_load(value)  # validated as a TrainConfig field by train_config
-    return replace(cfg, train_overrides=overrides)
+    return replace(cfg, train_overrides={**cfg.train_overrides, **overrides})
 
 
 def row(label: str, m: ExperimentMetrics) -> str:

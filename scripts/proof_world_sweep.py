@@ -75,6 +75,8 @@ def base_config(out: Path, work: Path, steps: int, every: int | None = None, ada
     from style_dreambooth.toyworld import base_model_dir
     from style_dreambooth.toyworld.demo import demo_config
 
+    from style_dreambooth.toyworld.experiment import extra_class_prompts
+
     demo = demo_config()  # the demo's recipe; the rows below are its train settings
     return {
         "base_model": str(base_model_dir()),
@@ -84,6 +86,8 @@ def base_config(out: Path, work: Path, steps: int, every: int | None = None, ada
         "class_dir": str((work / "class-images").resolve()),
         "with_prior_preservation": True,
         "class_prompts_from_captions": demo.class_prompts_from_captions,
+        "class_prompts": extra_class_prompts(demo),
+        "shuffle_caption": bool(demo.train_overrides.get("shuffle_caption", False)),
         "num_class_images": demo.num_class_images,
         "sample_batch_size": 16,
         "class_inference_steps": demo.class_inference_steps,

@@ -77,6 +77,22 @@ class TrainConfig(BaseModel):
         "prompt ('a red circle, yltcaxe artstyle' -> 'a red circle, artstyle'), so prior preservation keeps what "
         "the captions' other words draw.",
     )
+    shuffle_caption: bool = Field(
+        False,
+        description="Shuffle the comma-separated parts of every training prompt per sample, instance and class "
+        "('a red circle, yltcaxe artstyle' may train as 'yltcaxe artstyle, a red circle'), as kohya's "
+        "--shuffle_caption: the identifier then works wherever a prompt puts it.",
+    )
+    caption_tag_dropout_rate: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Drop each comma-separated part of a training prompt with this probability per sample, as "
+        "kohya's --caption_tag_dropout_rate; the instance and class prompts themselves are always kept.",
+    )
+    class_prompts: list[str] = Field(
+        default_factory=list,
+        description="More prompts to generate class images from (repeatable), cycled with those from the captions, "
+        "e.g. 'a yellow circle, artstyle' so that prior preservation also holds colours the instance images lack.",
+    )
     num_class_images: int = Field(50, ge=1, description="Number of class images.")
     sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
     class_inference_steps: int = Field(25, ge=1, description="Sampler steps per generated class image.")
@@ -173,8 +189,9 @@ class TrainConfig(BaseModel):
                 data = {**data, "mixed_precision": "no"}
             if data.get("learning_rate") is None:
                 data = {**data, "learning_rate": 1e-4 if data.get("method") == "lora" else 1e-6}
-            if isinstance(data.get("validation_prompt"), str):  # one prompt written without a list
-                data = {**data, "validation_prompt": [data["validation_prompt"]]}
+            for key in ("validation_prompt", "class_prompts"):
+                if isinstance(data.get(key), str):  # one prompt written without a list
+                    data = {**data, key: [data[key]]}
             targets = data.get("lora_targets")
             if isinstance(targets, str):
                 targets = [targets]

@@ -141,6 +141,38 @@ class SampleOrder:
     def crop_rng(self, k: int) -> np.random.Generator:
         return _stream_rng(self.seed, self.stream, 1_000_003, k)
 
+    def caption_rng(self, k: int) -> np.random.Generator:
+        return _stream_rng(self.seed, self.stream, 2_000_003, k)
+
+
+@dataclass(frozen=True)
+class CaptionRules:
+    """Per-sample changes to a training prompt's comma-separated parts, as kohya's ``--shuffle_caption``
+    and ``--caption_tag_dropout_rate``: ``"a red circle, yltcaxe artstyle"`` may train as
+    ``"yltcaxe artstyle, a red circle"``. Parts equal to one of ``keep`` (the instance and class
+    prompts) are never dropped, so the identifier is always in an instance prompt."""
+
+    shuffle: bool = False
+    tag_dropout: float = 0.0
+    keep: tuple[str, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.tag_dropout > 0
+
+    def apply(self, prompt: str, rng: np.random.Generator) -> str:
+        parts = [p.strip() for p in prompt.split(",") if p.strip()]
+        if len(parts) < 2:
+            return prompt
+        kept = {k.strip().lower() for k in self.keep}
+        if self.tag_dropout > 0:
+            drop = rng.random(len(parts)) < self.tag_dropout
+            left = [p for p, d in zip(parts, drop) if not d or p.lower() in kept]
+            parts = left or parts
+        if self.shuffle:
+            parts = [parts[i] for i in rng.permutation(len(parts))]
+        return ", ".join(parts)
+
 
 def sample_numbers(step: int, micro: int, accum: int, world: int, rank: int, batch: int) -> list[int]:
     """Global sample numbers used by one process for one micro-batch of one optimizer step."""
@@ -169,16 +201,21 @@ def make_batch(
     classes: ImageBank | None,
     class_order: SampleOrder | None,
     center_crop: bool,
+    captions: CaptionRules | None = None,
 ) -> Batch:
-    """Instance samples first, then (with prior preservation) as many class samples."""
+    """Instance samples first, then (with prior preservation) as many class samples; ``captions``
+    shuffles or drops prompt parts per sample (deterministically, from the sample number)."""
     crops, prompts = [], []
+    rules = captions if captions is not None and captions.active else None
     for k in numbers:
         i = instance_order.index(k)
         crops.append(instances.crop(i, center_crop, instance_order.crop_rng(k)))
-        prompts.append(instances.examples[i].prompt)
+        prompt = instances.examples[i].prompt
+        prompts.append(rules.apply(prompt, instance_order.caption_rng(k)) if rules else prompt)
     if classes is not None and class_order is not None:
         for k in numbers:
             i = class_order.index(k)
             crops.append(classes.crop(i, center_crop, class_order.crop_rng(k)))
-            prompts.append(classes.examples[i].prompt)
+            prompt = classes.examples[i].prompt
+            prompts.append(rules.apply(prompt, class_order.caption_rng(k)) if rules else prompt)
     return Batch(crops, prompts, len(numbers))

@@ -20,6 +20,7 @@ Metrics (see :class:`ExperimentMetrics`):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -63,6 +64,8 @@ class ExperimentConfig:
     with_prior_preservation: bool = True
     train_text_encoder: bool = True
     num_class_images: int = 50
+    class_prompt_colours: tuple[str, ...] = ()  # also class images of the instance subjects in these colours
+    plain_class_prompts: bool = False  # also class images of the bare subjects ("a red circle", no class prompt)
     class_inference_steps: int = 25
     learning_rate: float = 1e-4
     text_encoder_lr: float | None = 5e-3  # None: same as learning_rate
@@ -79,6 +82,8 @@ class ExperimentConfig:
     # evaluation
     eval_steps: int = 25
     eval_seeds: int = 3  # per held-out (subject, colour) cell
+    eval_seed0: int = 1000  # first eval seed (another value: a disjoint eval-seed set)
+    token_first: bool = True  # also "yltcaxe artstyle, a yellow star" (identifier before the subject)
     drift_seeds: int = 12  # for the class prompt "artstyle"
     heldout_subjects: tuple[str, ...] = HELDOUT_SUBJECTS
     heldout_colours: tuple[str, ...] = HELDOUT_COLOURS
@@ -118,6 +123,11 @@ class ExperimentMetrics:
     train_seconds: float
     total_seconds: float
     config: dict = field(default_factory=dict)
+    # the identifier first ("yltcaxe artstyle, a yellow star"; None when not measured)
+    style_hit_rate_token_first: float | None = None
+    subject_acc_token_first: float | None = None
+    colour_acc_token_first: float | None = None
+    base_subject_acc_token_first: float | None = None  # the base model reads that order poorly too
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -249,9 +259,23 @@ def train_config(cfg: ExperimentConfig, work: Path, instance_dir: Path) -> Train
         checkpointing_steps=0,
         logging_steps=10,
     )
+    tcfg.class_prompts = extra_class_prompts(cfg)
     if not cfg.train_overrides:
         return tcfg
     return TrainConfig.model_validate({**tcfg.model_dump(), **cfg.train_overrides})
+
+
+def extra_class_prompts(cfg: ExperimentConfig) -> list[str]:
+    """``--class-prompts`` of the recipe: the instance subjects in ``class_prompt_colours`` with the
+    class prompt, and with ``plain_class_prompts`` the same subjects (or the instance captions'
+    subjects) without it, so prior preservation also holds prompts that name no style."""
+    colours = cfg.class_prompt_colours
+    cells = [(k, c) for k in INSTANCE_SUBJECTS for c in colours]
+    prompts = [f"a {c} {k}, {cfg.class_prompt}" for k, c in cells]
+    if cfg.plain_class_prompts:
+        cells = cells or [(s.main.kind, s.main.colour) for s in instance_scenes(cfg.n_instances, cfg.seed)]
+        prompts += [f"a {c} {k}" for k, c in dict.fromkeys(cells)]
+    return prompts
 
 
 @dataclass
@@ -270,10 +294,12 @@ class _Probe:
 
     def __init__(self, cfg: ExperimentConfig, judges: Judges, instances: list[Image.Image]) -> None:
         self.cfg, self.judges, self.instances = cfg, judges, instances
-        seeds = list(range(1000, 1000 + cfg.eval_seeds))
+        seeds = list(range(cfg.eval_seed0, cfg.eval_seed0 + cfg.eval_seeds))
         self.jobs = {"plain": grid_jobs(cfg.heldout_subjects, cfg.heldout_colours, seeds)}
         plain = self.jobs["plain"]
         self.jobs["token"] = [Job(f"{j.prompt}, {cfg.instance_prompt}", j.seeds, j.subjects, ARTIST_STYLE) for j in plain]
+        first = [Job(f"{cfg.instance_prompt}, {j.prompt}", j.seeds, j.subjects, ARTIST_STYLE) for j in plain]
+        self.jobs["token_first"] = first if cfg.token_first else []
         self.jobs["class"] = [Job(f"{j.prompt}, {cfg.class_prompt}", j.seeds, j.subjects) for j in plain]
         self.jobs["drift"] = [Job(cfg.class_prompt, tuple(range(2000, 2000 + cfg.drift_seeds)), (("", ""),))]
         self.jobs["bare"] = [Job(cfg.instance_prompt, tuple(range(3000, 3000 + cfg.drift_seeds)), (("", ""),))]
@@ -281,8 +307,10 @@ class _Probe:
         self.pair_seeds = list(range(5000, 5000 + cfg.pair_seeds))  # as scripts/proof_world_composition.py
         base = load_pipe(cfg.base_model)
         self.base_img = {name: generate_jobs(base, self.jobs[name], cfg.eval_steps, label=f"base: {name}")
-                         for name in ("token", "plain", "drift")}
+                         for name in ("token", "plain", "drift", "token_first")}
         self.base_plain = score_single(judges, self.jobs["plain"], self.base_img["plain"])
+        self.base_first = (score_single(judges, self.jobs["token_first"], self.base_img["token_first"])
+                           if cfg.token_first else None)
         self.base_token = score_single(judges, self.jobs["token"], self.base_img["token"])
         self.base_mix = _style_mix(judges, _flat(self.base_img["drift"]))
         self.two_base = self.two_base_layout = None
@@ -293,12 +321,21 @@ class _Probe:
             self.two_base, self.two_base_layout = scores["prompt"].success, scores[cfg.layout_way].success
         self.threshold = calibrate_memorisation(instances, cfg.seed)
 
+    def for_instances(self, instances: list[Image.Image], seed: int) -> "_Probe":
+        """The same prompts and base images, for a run trained on other instance images (another
+        training seed): only the memorisation reference changes."""
+        probe = copy.copy(self)
+        probe.cfg = replace(self.cfg, seed=seed)
+        probe.instances, probe.threshold = instances, calibrate_memorisation(instances, seed)
+        return probe
+
     def measure(self, tuned, train_seconds: float, t0: float, gallery: Gallery | None = None,
                 label: str = "fine-tuned") -> ExperimentMetrics:
         cfg, judges, jobs = self.cfg, self.judges, self.jobs
         t_img = {name: generate_jobs(tuned, jobs[name], cfg.eval_steps, label=f"{label}: {name}")
-                 for name in ("token", "plain", "class", "drift", "bare")}
+                 for name in ("token", "plain", "class", "drift", "bare", "token_first")}
         tok = score_single(judges, jobs["token"], t_img["token"])
+        first = score_single(judges, jobs["token_first"], t_img["token_first"]) if cfg.token_first else None
         pla = score_single(judges, jobs["plain"], t_img["plain"])
         cla = score_single(judges, jobs["class"], t_img["class"])
         leak_n = pla.n + cla.n
@@ -352,6 +389,10 @@ class _Probe:
             train_seconds=train_seconds,
             total_seconds=time.perf_counter() - t0,
             config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            style_hit_rate_token_first=first.style_rate(ARTIST_STYLE) if first else None,
+            subject_acc_token_first=first.subject_acc if first else None,
+            colour_acc_token_first=first.colour_acc if first else None,
+            base_subject_acc_token_first=self.base_first.subject_acc if first else None,
         )
 
 
@@ -375,13 +416,40 @@ def run_experiment(cfg: ExperimentConfig, work: Path, judges: Judges | None = No
     t0 = time.perf_counter()
     work = Path(work)
     judges = judges or Judges.load()
-    instance_dir, instances = _prepare(cfg, work)
-    t_train = time.perf_counter()
-    model_dir = train(train_config(cfg, work, instance_dir))
-    train_seconds = time.perf_counter() - t_train
-    metrics = _Probe(cfg, judges, instances).measure(_load_run(model_dir.parent), train_seconds, t0, gallery)
+    run, instances, train_seconds = train_only(cfg, work)
+    metrics = _Probe(cfg, judges, instances).measure(_load_run(run), train_seconds, t0, gallery)
     (work / "metrics.json").write_text(metrics.to_json(), encoding="utf-8")
     return metrics
+
+
+def train_only(cfg: ExperimentConfig, work: Path) -> tuple[Path, list[Image.Image], float]:
+    """The fine-tune of :func:`run_experiment` without its measurement: (run folder, instance images,
+    training seconds)."""
+    instance_dir, instances = _prepare(cfg, Path(work))
+    t_train = time.perf_counter()
+    model_dir = train(train_config(cfg, Path(work), instance_dir))
+    return model_dir.parent, instances, time.perf_counter() - t_train
+
+
+def run_seeds(cfg: ExperimentConfig, work: Path, seeds: list[int], eval_seed0s: tuple[int, ...] = (1000,),
+              judges: Judges | None = None) -> dict[int, dict[int, ExperimentMetrics]]:
+    """The recipe ``cfg`` trained with each of ``seeds`` (other instance images, noise and data order),
+    each run judged on the eval-seed sets starting at ``eval_seed0s``; the base model's images are
+    made once per eval set. ``work/seed-S`` holds each run. Returns {seed: {eval_seed0: metrics}}."""
+    judges = judges or Judges.load()
+    probes: dict[int, _Probe] = {}
+    out: dict[int, dict[int, ExperimentMetrics]] = {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        run, instances, train_seconds = train_only(replace(cfg, seed=seed), Path(work) / f"seed-{seed}")
+        tuned = _load_run(run)
+        out[seed] = {}
+        for e in eval_seed0s:
+            if e not in probes:
+                probes[e] = _Probe(replace(cfg, seed=seed, eval_seed0=e), judges, instances)
+            out[seed][e] = probes[e].for_instances(instances, seed).measure(tuned, train_seconds, t0,
+                                                                            label=f"seed {seed}, eval {e}")
+    return out
 
 
 def run_curve(cfg: ExperimentConfig, work: Path, steps: list[int], judges: Judges | None = None

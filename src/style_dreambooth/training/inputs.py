@@ -112,15 +112,16 @@ def has_top_level_images(folder: Path) -> bool:
 
 
 def generated_class_prompts(cfg: TrainConfig, class_prompt: str, instances: list[Example]) -> tuple[str, ...]:
-    """With --class-prompts-from-captions, one class prompt per instance caption; else none (the class prompt)."""
+    """With --class-prompts-from-captions, one class prompt per instance caption; then the --class-prompts;
+    none at all: the class prompt alone."""
     if not cfg.class_prompts_from_captions:
-        return ()
+        return tuple(dict.fromkeys(cfg.class_prompts))
     prompts = class_prompts_for(instances, cfg.instance_prompt, class_prompt)
     if prompts == (class_prompt,):
         raise UserError(
             f"--class-prompts-from-captions needs .txt captions next to the instance images; none in '{cfg.instance_dir}'"
         )
-    return prompts
+    return tuple(dict.fromkeys(prompts + tuple(cfg.class_prompts)))
 
 
 def check_prompt_lengths(

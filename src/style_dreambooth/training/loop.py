@@ -25,7 +25,9 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from ..config import TrainConfig
-from ..data.dataset import Example, ImageBank, SampleOrder, instance_examples, make_batch, sample_numbers
+from ..data.dataset import (
+    CaptionRules, Example, ImageBank, SampleOrder, instance_examples, make_batch, sample_numbers,
+)
 from ..data.images import list_images
 from ..data.latent_cache import LatentEncoder
 from ..errors import UserError
@@ -510,6 +512,8 @@ def run_steps(setup: Setup, models: Models, optimisation: Optimisation, instance
     # The compiled wrapper shares the UNet's weights; saving and validation use the plain module.
     unet_step = torch.compile(models.unet) if cfg.compile else models.unet
     metrics = MetricsLog(setup, optimisation.params, with_prior=classes is not None)
+    captions = CaptionRules(cfg.shuffle_caption, cfg.caption_tag_dropout_rate,
+                            (cfg.instance_prompt, setup.class_prompt or ""))
     for m in models.trained.values():
         m.train()
     try:
@@ -521,7 +525,7 @@ def run_steps(setup: Setup, models: Models, optimisation: Optimisation, instance
                 for micro in range(accum):
                     batch = make_batch(
                         sample_numbers(step, micro, accum, world, rank, cfg.train_batch_size),
-                        instances, instance_order, classes, class_order, cfg.center_crop,
+                        instances, instance_order, classes, class_order, cfg.center_crop, captions,
                     )
                     parts = micro_step(setup, models, optimisation, batch, _step_seed(cfg.seed, step, micro, rank),
                                        unet_step)
