@@ -38,7 +38,8 @@ def class_image_examples(
         paths = list_images(cfg.class_dir, role="class", min_size=64)
         log.info("class images: using the %d images in %s as given", len(paths), cfg.class_dir)
         if prompts:
-            log.warning("--class-prompts-from-captions does not apply: the given class images keep their own captions")
+            log.warning("--class-prompts-from-captions and --class-prompts do not apply: the given class images "
+                        "keep their own captions")
         return class_examples(paths, class_prompt)
     root = cfg.class_dir if cfg.class_dir is not None else default_cache_root()
     spec = ClassImageSpec(
