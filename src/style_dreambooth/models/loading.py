@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UserError
 from .hub import hub_offline
-from .backbones import Backbone, family_of_folder, family_of_unet, get, resolve_backbone, single_file_family
+from .backbones import Backbone, agreeing_family, family_of_folder, family_of_unet, get, resolve_backbone, single_file_family
 
 logger = logging.getLogger(__name__)
 
@@ -191,24 +191,13 @@ def _agrees_with_its_unet(pipe, base_model: str):
     return pipe
 
 
-def _checked(requested: str, found: type[Backbone], base_model: object) -> type[Backbone]:
-    """The family the files name, refused when --backbone names another."""
-    if requested not in ("auto", found.family):
-        get(requested)  # an unknown name is its own error
-        raise UserError(
-            f"--backbone {requested} contradicts the base model '{base_model}', which is {found.family} "
-            f"({found.title}); drop --backbone or pass --backbone {found.family}"
-        )
-    return found
-
-
 def _load_folder(path: Path, torch_dtype: torch.dtype | None, backbone: str = "auto"):
     if not _is_diffusers_folder(path):
         raise UserError(
             f"base model folder '{path}' is not a diffusers model folder (it has no model_index.json); "
             "pass a diffusers folder, a .safetensors file or a Hub id"
         )
-    family = _checked(backbone, family_of_folder(path), path)
+    family = agreeing_family(backbone, family_of_folder(path), path)
     try:
         with _offline_guard(True):  # a local folder never needs the Hub
             return family.pipeline_class().from_pretrained(str(path), **_common_kwargs(family, torch_dtype))
@@ -242,7 +231,7 @@ def _load_single_file(
             "pass a .safetensors file, a diffusers folder or a Hub id"
         )
 
-    family = _checked(backbone, single_file_family(path), path) if suffix in SAFETENSORS_EXTENSIONS else get(
+    family = agreeing_family(backbone, single_file_family(path), path) if suffix in SAFETENSORS_EXTENSIONS else get(
         "sd1" if backbone == "auto" else backbone)
     kwargs = _common_kwargs(family, torch_dtype)
     config = single_file_config

@@ -137,6 +137,7 @@ class Models:
     noise_scheduler: Any
     timestep_range: tuple[int, int]
     alphas_cumprod: torch.Tensor
+    prediction_type: str
     trained: dict[str, torch.nn.Module] = field(default_factory=dict)  # after accelerator.prepare
 
     @property
@@ -283,6 +284,7 @@ def load_models(setup: Setup, loaded: Base, instances: ImageBank, classes: Image
         backbone, base, text_encoders, trainables, encoder,
         PromptEncoder(backbone, backbone.tokenizers(base), device),
         noise_scheduler, loaded.timestep_range, noise_scheduler.alphas_cumprod.to(device),
+        prediction_type(noise_scheduler),
     )
 
 
@@ -487,7 +489,7 @@ def micro_step(setup: Setup, models: Models, optimisation: Optimisation, batch, 
         with accelerator.autocast():
             embeds = models.encode_prompts(models.current_text_encoders(), batch.prompts)
             pred = models.backbone.denoise(unet_step, noisy, timesteps, embeds, batch.sizes())
-        pred_type = prediction_type(scheduler)
+        pred_type = models.prediction_type
         target = diffusion_target(pred_type, latents, noise, timesteps, alphas_cumprod)
         parts = dreambooth_loss(
             pred, target, timesteps, alphas_cumprod, n_instance=batch.n_instance,

@@ -21,7 +21,7 @@ FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SD1, SD2, SDXL)}
 CHOICES = ("auto", *FAMILIES)
 
 __all__ = [
-    "SD1", "SD2", "SDXL", "Backbone", "CHOICES", "FAMILIES", "ImageSize", "PromptEmbeds", "PromptEncoder", "backbone_of",
+    "SD1", "SD2", "SDXL", "Backbone", "CHOICES", "agreeing_family", "FAMILIES", "ImageSize", "PromptEmbeds", "PromptEncoder", "backbone_of",
     "detect_family", "family_of_folder", "hub_config_folder", "native_resolution", "family_of_lora", "family_of_unet", "single_file_family", "single_file_keys", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
     "tokenize",
 ]
@@ -187,12 +187,17 @@ def hub_config_folder(hub_id: str, revision: str | None = None) -> Path | None:
 def resolve_backbone(requested: str, base_model: str, revision: str | None = None) -> type[Backbone]:
     """`--backbone auto|sd1|sd2|sdxl` checked against what the model's files say."""
     detected = detect_family(base_model, revision)
-    if requested == "auto":
-        return detected or FAMILIES["sd1"]
-    chosen = get(requested)
-    if detected is not None and detected is not chosen:
+    if detected is not None:
+        return agreeing_family(requested, detected, base_model)
+    return FAMILIES["sd1"] if requested == "auto" else get(requested)
+
+
+def agreeing_family(requested: str, found: type[Backbone], base_model: object) -> type[Backbone]:
+    """The family a model's files name, refused when --backbone names another."""
+    if requested not in ("auto", found.family):
+        get(requested)  # an unknown name is its own error
         raise UserError(
-            f"--backbone {requested} contradicts the base model '{base_model}', which is {detected.family} "
-            f"({detected.title}); drop --backbone or pass --backbone {detected.family}"
+            f"--backbone {requested} contradicts the base model '{base_model}', which is {found.family} "
+            f"({found.title}); drop --backbone or pass --backbone {found.family}"
         )
-    return chosen
+    return found
