@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--controlnet", type=Path, default=None, help="Default: the shipped tiny ControlNet.")
+    ap.add_argument("--sketch", choices=two_subjects.SKETCHES, default="boxes",
+                    help="The ControlNet's condition: the layout's boxes, or each pair's silhouettes.")
     ap.add_argument("--base-weight", type=float, default=two_subjects.BASE_WEIGHT,
                     help="The global prompt's share inside the regions.")
     args = ap.parse_args()
@@ -67,7 +69,8 @@ def main() -> None:
     pairs = two_subjects.heldout_pairs(cfg.heldout_subjects, cfg.heldout_colours, args.pairs)
     seeds = list(range(5000, 5000 + args.seeds))
     ways = tuple(args.ways.split(","))
-    results: dict = {"pairs": pairs, "seeds": seeds, "steps": args.steps, "base_weight": args.base_weight, "models": {}}
+    results: dict = {"pairs": pairs, "seeds": seeds, "steps": args.steps, "base_weight": args.base_weight,
+                     "sketch": args.sketch, "models": {}}
     for name in args.models.split(","):
         t0 = time.perf_counter()
         if name == "base":
@@ -75,7 +78,8 @@ def main() -> None:
         else:
             pipe, suffix = _load_run(fine_tune(name, RECIPES[name](cfg), args.work)), f", {cfg.instance_prompt}"
         control = two_subjects.toy_controlnet_pipeline(pipe, args.controlnet)
-        scores, images = two_subjects.measure(pipe, control, judges, pairs, seeds, suffix, ways, args.steps, label=name)
+        scores, images = two_subjects.measure(pipe, control, judges, pairs, seeds, suffix, ways, args.steps, label=name,
+                                              sketch_kind=args.sketch)
         results["models"][name] = {way: s.as_dict() for way, s in scores.items()}
         results["models"][name]["seconds"] = time.perf_counter() - t0
         for way, groups in images.items():

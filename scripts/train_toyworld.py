@@ -82,7 +82,8 @@ def stage_controlnet(args) -> None:
 
     base = args.work / "base" if (args.work / "base").is_dir() else None  # else the shipped base
     train_controlnet(args.work / "controlnet", steps=args.cn_steps, n_pairs=args.cn_pairs, batch=args.cn_batch,
-                     lr=args.cn_lr, seed=args.seed, base=base, save_every=args.checkpoint_every)
+                     lr=args.cn_lr, seed=args.seed, base=base, save_every=args.checkpoint_every,
+                     p_colour=args.cn_colour, init=args.cn_init, warmup=args.warmup)
 
 
 def stage_evaluate(args) -> None:
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cn-batch", type=int, default=16)
     p.add_argument("--cn-lr", type=float, default=5e-4)
     p.add_argument("--cn-pairs", type=int, default=3000, help="controlnet: (sketch, scene) training pairs")
+    p.add_argument("--cn-colour", type=float, default=0.0,
+                   help="controlnet: share of sketches filled with each subject's colour instead of ink")
+    p.add_argument("--cn-init", type=Path, default=None, help="controlnet: continue from this ControlNet folder")
     p.add_argument("--model", type=Path, default=None, help="model to evaluate (default <work>/base)")
     p.add_argument("--eval-n", type=int, default=4, help="samples per (subject, colour) cell in evaluate")
     p.add_argument("--set", action="append", help="experiment: override an ExperimentConfig field, key=value")

@@ -236,6 +236,26 @@ def test_layout_sketch_draws_the_regions(tmp_path, capsys):
     _assert_user_error(code, err, "already exists")
 
 
+def test_colour_sketch_fills_each_region_with_its_own_colour(tmp_path, capsys):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[40:60, 40:60] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    layout = _layout(tmp_path / "l.yaml", width=64, height=64,
+                     regions=[{"box": [0.125, 0.25, 0.5, 0.75], "prompt": "a yellow star", "colour": "#f0cd19"},
+                              {"mask": "m.png", "prompt": "a purple heart", "colour": "purple"},
+                              {"box": [0, 0, 0.1, 0.1], "prompt": "a bird"}])
+    code, _, err = run_cli(capsys, "layout-sketch", layout, "--out", tmp_path / "c.png", "--style", "colours")
+    assert code == 0, err
+    arr = np.asarray(Image.open(tmp_path / "c.png"))
+    assert tuple(arr[32, 20]) == (240, 205, 25) and tuple(arr[50, 50]) == (128, 0, 128)
+    assert tuple(arr[2, 2]) == (0, 0, 0) and tuple(arr[32, 60]) == (255, 255, 255)  # no colour: ink; paper
+    bad = _layout(tmp_path / "bad.yaml", width=64, height=64,
+                  regions=[{"box": [0, 0, 1, 1], "prompt": "a star", "colour": "yelow"}])
+    code, _, err = run_cli(capsys, "layout-sketch", bad, "--out", tmp_path / "b.png", "--style", "colours")
+    _assert_user_error(code, err, "'yelow' is neither a colour name nor #rrggbb")
+    assert not (tmp_path / "b.png").exists()
+
+
 # --------------------------------------------------------------------------- bad input
 
 

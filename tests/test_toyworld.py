@@ -283,3 +283,26 @@ def test_a_layout_puts_each_subject_in_its_half():
     assert min(layout.left, layout.right) >= MIN_HALF_WITH_LAYOUT, summary  # each half now shows its subject
     assert layout.success >= MIN_BOTH_WITH_LAYOUT, summary
     assert layout.success > prompt.success, summary
+
+
+def test_two_subject_sketches_put_each_subject_in_its_half():
+    from style_dreambooth.toyworld import two_subjects
+    from style_dreambooth.toyworld.judges import Judges, half_view
+    from style_dreambooth.toyworld.render import COLOURS
+
+    pair = (("star", "yellow"), ("heart", "purple"))
+    layout = two_subjects.pair_layout(pair)
+    boxes = two_subjects.condition_image(layout, pair, "boxes", 1)
+    assert np.array_equal(np.asarray(boxes), np.asarray(two_subjects.sketch(layout)))
+    ink = np.asarray(two_subjects.condition_image(layout, pair, "silhouettes", 1))
+    colours = np.asarray(two_subjects.condition_image(layout, pair, "colours", 1))
+    inked = (ink == 0).all(-1)
+    assert inked[:, :32].sum() > 100 and inked[:, 32:].sum() > 100  # one silhouette a half, of some size
+    assert ((colours == COLOURS["yellow"]).all(-1) == inked * (np.arange(64) < 32)).all()
+    assert ((colours == COLOURS["purple"]).all(-1) == inked * (np.arange(64) >= 32)).all()
+    # the judges read the silhouettes' kinds, one a half, as they read the renderer's scenes
+    left, right = Judges.load().judge([half_view(two_subjects.silhouette_sketch(pair, 1, True), side)
+                                       for side in ("left", "right")])
+    assert (left.subject, right.subject) == ("star", "heart")
+    with pytest.raises(ValueError, match="not one of"):
+        two_subjects.condition_image(layout, pair, "lines", 1)

@@ -511,3 +511,21 @@ def test_text_encoder_scope_identifier_trains_only_its_embedding_rows(tmp_path, 
     code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "c", "--text-encoder-scope",
                                                "identifier", "--instance-prompt", "artstyle"))
     assert code == 2 and "no identifier word" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unet_layer_filter_trains_only_the_named_weights(tmp_path, tiny_model, instance_dir, cache_env, capsys):
+    from diffusers import UNet2DConditionModel
+
+    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "out", "--max-train-steps", "3",
+                                               "--learning-rate", "1e-2", "--unet-layer-filter", "!attn2"))
+    assert code == 0, err
+    base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").state_dict()
+    tuned = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "model", subfolder="unet").state_dict()
+    moved = {name for name, value in base.items() if not torch.equal(value, tuned[name])}
+    assert moved and not any(".attn2." in name for name in moved), sorted(moved)[:5]
+    assert any(".attn1." in name for name in moved) and any("resnets" in name for name in moved)
+    for flags, needle in ((("--unet-layer-filter", "no_such_layer"), "no UNet weight is left to train"),
+                          (("--unet-layer-filter", "attn2", "--method", "lora"), "unet_layer_filter is for method")):
+        code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / "b", *flags))
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "b").exists()

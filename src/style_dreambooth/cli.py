@@ -164,9 +164,9 @@ def generate(**kw: Any) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The PNG to write.")
 @click.option("--width", type=click.IntRange(8, 4096), default=None, help="Default: the layout's, else 512.")
 @click.option("--height", type=click.IntRange(8, 4096), default=None, help="Default: the layout's, else 512.")
-@click.option("--style", type=click.Choice(["outline", "solid", "segments"]), default="outline", show_default=True,
-              help="Outlines (scribble, lineart), ink-filled regions (the proof world's ControlNet) or one flat "
-                   "colour per region (seg).")
+@click.option("--style", type=click.Choice(["outline", "solid", "segments", "colours"]), default="outline",
+              show_default=True, help="Outlines (scribble, lineart), ink-filled regions (the proof world's ControlNet), "
+              "one flat colour per region (seg), or each region in its own `colour` (a colour drawing).")
 @click.option("--white-on-black", is_flag=True, help="White lines on black, as scribble/lineart/canny ControlNets expect.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def layout_sketch(layout: Path, out: Path, width: int | None, height: int | None, style: str, white_on_black: bool,

@@ -107,6 +107,12 @@ class TrainConfig(BaseModel):
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         description="Module names that get LoRA layers (comma-separated or repeated).",
     )
+    unet_layer_filter: list[str] = Field(
+        default_factory=list,
+        description="Full fine-tuning: train only the UNet weights whose names contain one of these parts "
+        "(comma-separated or repeated), as OneTrainer's layer filter; a part written '!attn2' keeps the matching "
+        "weights frozen instead. Default: every UNet weight trains.",
+    )
     train_text_encoder: bool = Field(True, description="Train the text encoder along with the UNet.")
     text_encoder_scope: Literal["all", "identifier"] = Field(
         "all",
@@ -192,15 +198,18 @@ class TrainConfig(BaseModel):
             for key in ("validation_prompt", "class_prompts"):
                 if isinstance(data.get(key), str):  # one prompt written without a list
                     data = {**data, key: [data[key]]}
-            targets = data.get("lora_targets")
-            if isinstance(targets, str):
-                targets = [targets]
-            if isinstance(targets, (list, tuple)):
-                data = {**data, "lora_targets": [t.strip() for item in targets for t in str(item).split(",") if t.strip()]}
+            for key in ("lora_targets", "unet_layer_filter"):  # comma-separated, repeated, or both
+                parts = data.get(key)
+                if isinstance(parts, str):
+                    parts = [parts]
+                if isinstance(parts, (list, tuple)):
+                    data = {**data, key: [t.strip() for item in parts for t in str(item).split(",") if t.strip()]}
         return data
 
     @model_validator(mode="after")
     def _identifier_scope(self) -> "TrainConfig":
+        if self.unet_layer_filter and self.method != "full":
+            raise ValueError("unet_layer_filter is for method 'full' (LoRA chooses its layers with lora_targets)")
         if self.text_encoder_scope == "identifier" and self.method != "full" and self.train_text_encoder:
             raise ValueError("text_encoder_scope 'identifier' is for method 'full' (LoRA trains adapters, not embeddings)")
         return self

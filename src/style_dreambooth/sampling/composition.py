@@ -10,6 +10,7 @@ regions:
     prompt: "a girl, yltcaxe artstyle"
   - mask: right.png                          # white = the region; relative to the layout file
     prompt: "a boy, yltcaxe artstyle"
+    colour: "#2050d0"                        # optional: its fill in a `layout-sketch --style colours`
 control:                                     # optional ControlNet conditioning, see control.py
   - image: sketch.png
     model: lllyasviel/control_v11p_sd15_scribble
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageColor, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import UserError
@@ -45,6 +46,18 @@ class Region(BaseModel):
     box: tuple[float, float, float, float] | None = Field(
         None, description="x0, y0, x1, y1 as fractions of the canvas (all <= 1) or in pixels.")
     mask: Path | None = Field(None, description="A mask image (white = region), relative to the layout file.")
+    colour: str | None = Field(
+        None, description="The region's fill in a `layout-sketch --style colours` sketch: a colour name or #rrggbb.")
+
+    @field_validator("colour")
+    @classmethod
+    def _known_colour(cls, colour: str | None) -> str | None:
+        if colour is not None:
+            try:
+                ImageColor.getrgb(colour)
+            except ValueError:
+                raise ValueError(f"colour {colour!r} is neither a colour name nor #rrggbb") from None
+        return colour
 
     @model_validator(mode="after")
     def _one_shape(self) -> "Region":

@@ -1,13 +1,13 @@
 """`layout-sketch`: a condition image drawn from a layout, so "left: a girl, right: a boy" becomes a
 ControlNet input without a drawing program: outlines (black on white, like a pen drawing; or white
 on black, as scribble, lineart and canny ControlNets expect), solid regions (filled with ink, as
-the proof world's ControlNet reads a layout) or segments (a flat colour each, as segmentation
-ControlNets expect)."""
+the proof world's ControlNet reads a layout), segments (a flat colour each, as segmentation
+ControlNets expect) or colours (each region filled with its own ``colour``, as a colour drawing)."""
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageColor, ImageDraw, ImageFilter
 
 from .composition import Layout, box_pixels, region_masks
 
@@ -20,7 +20,16 @@ def line_width(width: int, height: int) -> int:
     return max(2, round(min(width, height) / 64))
 
 
-STYLES = ("outline", "solid", "segments")
+STYLES = ("outline", "solid", "segments", "colours")
+
+
+def fill(region, index: int, style: str, ink: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A region's colour in the sketch: its segment colour, its own ``colour`` (ink where it has none), or ink."""
+    if style == "segments":
+        return FILL_COLOURS[index % len(FILL_COLOURS)]
+    if style == "colours" and region.colour is not None:
+        return ImageColor.getrgb(region.colour)[:3]
+    return ink
 
 
 def draw_sketch(layout: Layout, width: int, height: int, style: str = "outline", white_on_black: bool = False
@@ -34,7 +43,7 @@ def draw_sketch(layout: Layout, width: int, height: int, style: str = "outline",
     masks = region_masks(layout, width, height)
     lw = line_width(width, height)
     for i, region in enumerate(layout.regions):
-        colour = FILL_COLOURS[i % len(FILL_COLOURS)] if style == "segments" else ink
+        colour = fill(region, i, style, ink)
         if region.box is not None:
             box = box_pixels(region.box, width, height, f"region {i}")
             x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1

@@ -25,7 +25,7 @@ from ..progress import progress_bar
 from . import assets_dir, base_model_dir
 from .base_model import optimizer_step
 from .data import to_array
-from .render import SIZE, random_scene, scene_layers, subject_mask
+from .render import COLOURS, SIZE, random_scene, scene_layers, subject_mask
 from .styles import PRETRAIN_STYLES, apply_style, style_phrase
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CONTROLNET_DIR = "controlnet"
 P_TWO = 0.5  # two-subject scenes: the case the ControlNet exists for
 P_SILHOUETTE = 0.3  # a silhouette outline instead of a box outline
+P_COLOUR = 0.0  # the sketch's shapes filled with each subject's colour instead of ink (tried at 0.5: see docs)
 P_NO_CAPTION = 0.1  # empty caption, so the unconditional pass of guidance learns the sketch too
 
 
@@ -51,24 +52,27 @@ def _box(mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float, floa
             min(SIZE, x1 + grow[2] * w), min(SIZE, y1 + grow[3] * h))
 
 
-def sketch_of(scene, rng: np.random.Generator) -> Image.Image:
+def sketch_of(scene, rng: np.random.Generator, p_colour: float = 0.0) -> Image.Image:
     """A sketch of where each subject of ``scene`` is: its box filled black on white (as
     ``layout-sketch --style solid`` draws a layout), or for some examples its filled silhouette
-    (as a user might paint it)."""
+    (as a user might paint it); with probability ``p_colour`` the shapes are filled with each
+    subject's colour instead of ink (``layout-sketch --style colours``, or a user's colour drawing)."""
     layers = scene_layers(scene)
     silhouette = rng.random() < P_SILHOUETTE
-    arr = np.full((SIZE, SIZE), 255, np.uint8)
-    for i in range(len(scene.subjects)):
+    coloured = p_colour > 0 and rng.random() < p_colour  # no draw at 0: the shipped model's pairs stay the same
+    arr = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    for i, subject in enumerate(scene.subjects):
         mask = subject_mask(layers, i) > 0.5
+        ink = COLOURS[subject.colour] if coloured else (0, 0, 0)
         if silhouette:
-            arr[mask] = 0
+            arr[mask] = ink
         else:
             x0, y0, x1, y1 = (int(round(v)) for v in _box(mask, rng))
-            arr[y0:y1, x0:x1] = 0
-    return Image.fromarray(arr).convert("RGB")
+            arr[y0:y1, x0:x1] = ink
+    return Image.fromarray(arr)
 
 
-def training_pairs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def training_pairs(n: int, seed: int = 0, p_colour: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """``n`` (scene, sketch, caption) triples in the plain and pretraining styles (never yltcaxe):
     images as (N, 3, 64, 64) in [-1, 1], sketches in [0, 1] as the ControlNet pipeline feeds them."""
     rng = np.random.default_rng([seed, 4711])
@@ -77,7 +81,7 @@ def training_pairs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[
         style = PRETRAIN_STYLES[int(rng.integers(len(PRETRAIN_STYLES)))]
         scene = random_scene(7_000_000 + 1000 * seed + i, style=style, two_subjects=bool(rng.random() < P_TWO))
         scenes.append(apply_style(scene))
-        sketches.append(sketch_of(scene, rng))
+        sketches.append(sketch_of(scene, rng, p_colour))
         captions.append("" if rng.random() < P_NO_CAPTION else scene.caption(style_phrase(style)))
     cond = np.stack([np.asarray(s, np.float32) / 255.0 for s in sketches]).transpose(0, 3, 1, 2)
     return to_array(scenes), cond, captions
@@ -97,21 +101,26 @@ def _encode(pipe, images: np.ndarray, captions: list[str], batch: int = 256) -> 
 
 
 def train_controlnet(out: Path, *, steps: int = 3000, n_pairs: int = 6000, batch: int = 32, lr: float = 5e-4,
-                     seed: int = 0, offset_noise: float = 0.1, base: Path | None = None, save_every: int = 0):
+                     seed: int = 0, offset_noise: float = 0.1, base: Path | None = None, save_every: int = 0,
+                     p_colour: float = P_COLOUR, init: Path | None = None, warmup: int = 100):
     """Train the tiny ControlNet on the frozen shipped base and save it to ``out`` (fp16 safetensors);
-    with ``save_every``, also ``out/step-N`` snapshots along the way."""
+    with ``save_every``, also ``out/step-N`` snapshots along the way; with ``init``, continue from
+    that ControlNet folder instead of starting from the UNet."""
     from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline.from_pretrained(str(base or base_model_dir()), dtype=torch.float32)
-    images, cond, captions = training_pairs(n_pairs, seed)
+    images, cond, captions = training_pairs(n_pairs, seed, p_colour)
     latents, hidden = _encode(pipe, images, captions)
     cond_t = torch.from_numpy(cond)
     unet = pipe.unet.requires_grad_(False).eval()
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     channels = (16, 32, 64, 128)[: int(np.log2(factor)) + 1]  # one stride-2 step per VAE downsampling
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels).train()
+    if init is not None:
+        net = ControlNetModel.from_pretrained(str(init), torch_dtype=torch.float32).train()
+    else:
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     g = torch.Generator().manual_seed(seed)
@@ -127,7 +136,7 @@ def train_controlnet(out: Path, *, steps: int = 3000, n_pairs: int = 6000, batch
             pred = unet(noisy, t, hidden[idx], down_block_additional_residuals=down,
                         mid_block_additional_residual=mid).sample
             loss = F.mse_loss(pred, noise)
-            optimizer_step(opt, loss, net.parameters(), lr * min(1.0, (step + 1) / 100))
+            optimizer_step(opt, loss, net.parameters(), lr * min(1.0, (step + 1) / max(1, warmup)))
             if bar:
                 bar.update(0, completed=step + 1, info=f"loss {loss.item():.4f}")
             if step % 25 == 0:

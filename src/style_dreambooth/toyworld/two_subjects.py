@@ -17,6 +17,7 @@ import itertools
 import logging
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -26,12 +27,14 @@ from ..sampling.generate import sample
 from ..sampling.sketch import draw_sketch
 from .evaluate import GUIDANCE
 from .judges import Judges, half_view
-from .render import SIZE
+from .render import COLOURS, SIZE, Scene, random_subject, scene_layers, subject_mask
 from .styles import ARTIST_STYLE
 
 log = logging.getLogger(__name__)
 
 WAYS: tuple[str, ...] = ("prompt", "regions", "controlnet", "both")
+SKETCHES: tuple[str, ...] = ("boxes", "silhouettes", "colours")  # what the ControlNet's condition image shows
+SILHOUETTE_SIZE = (12.0, 14.0)  # the sketch's subjects: as large as half the canvas holds
 LEFT_HALF, RIGHT_HALF = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)  # the regions: "left: A, right: B"
 LEFT_BOX, RIGHT_BOX = (0.06, 0.28, 0.44, 0.72), (0.56, 0.28, 0.94, 0.72)  # the sketch: where each goes
 BASE_WEIGHT = 0.3  # the pair prompt keeps a share inside each half (best of 0, 0.3, 0.5 measured)
@@ -66,12 +69,39 @@ def sketch(layout: Layout) -> Image.Image:
     return draw_sketch(boxed, SIZE, SIZE, "solid")
 
 
-def conditioning(way: str, layout: Layout) -> Conditioning:
+def silhouette_sketch(pair: Pair, seed: int, coloured: bool = False) -> Image.Image:
+    """A user's painted sketch of the pair: each subject's silhouette filled with ink (or with its
+    colour), at a place in its half (the renderer's ground truth for a scene of the pair at ``seed``)."""
+    (k1, c1), (k2, c2) = pair
+    rng = np.random.default_rng([seed, 4242])
+    halves = ((0.0, SIZE / 2), (SIZE / 2, SIZE))
+    subjects = tuple(random_subject(rng, k, c, region=half, size_range=SILHOUETTE_SIZE)
+                     for (k, c), half in zip(pair, halves))
+    return painted_sketch(Scene(subjects=subjects, background=(255, 255, 255), gradient=0.0), coloured)
+
+
+def painted_sketch(scene, coloured: bool) -> Image.Image:
+    """Each subject of ``scene`` as its filled silhouette on white: ink, or the subject's named colour."""
+    layers = scene_layers(scene)
+    arr = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    for i, subject in enumerate(scene.subjects):
+        arr[subject_mask(layers, i) > 0.5] = COLOURS[subject.colour] if coloured else (0, 0, 0)
+    return Image.fromarray(arr)
+
+
+def condition_image(layout: Layout, pair: Pair, kind: str, seed: int) -> Image.Image:
+    """The ControlNet's condition image: the layout's box sketch, or a silhouette sketch of the pair."""
+    if kind not in SKETCHES:
+        raise ValueError(f"sketch kind {kind!r} is not one of {', '.join(SKETCHES)}")
+    return sketch(layout) if kind == "boxes" else silhouette_sketch(pair, seed, coloured=kind == "colours")
+
+
+def conditioning(way: str, layout: Layout, control_image: Image.Image | None = None) -> Conditioning:
     cond = Conditioning()
     if way in ("regions", "both"):
         cond = Conditioning([r.prompt for r in layout.regions], region_masks(layout, SIZE, SIZE), layout.base_weight)
     if way in ("controlnet", "both"):
-        cond.control_images = [sketch(layout)]
+        cond.control_images = [control_image or sketch(layout)]
         cond.control_scales = [1.0]
     return cond
 
@@ -105,19 +135,21 @@ def score(judges: Judges, pairs: list[Pair], images: list[list[Image.Image]]) ->
 
 
 def measure(pipe, control_pipe, judges: Judges, pairs: list[Pair], seeds: list[int], suffix: str = "",
-            ways: tuple[str, ...] = WAYS, steps: int = 20, label: str = "two subjects"
+            ways: tuple[str, ...] = WAYS, steps: int = 20, label: str = "two subjects", sketch_kind: str = "boxes"
             ) -> tuple[dict[str, TwoSubjectScores], dict[str, list[list[Image.Image]]]]:
-    """Scores and images per way; ``control_pipe`` is ``pipe``'s ControlNet pipeline (None: skip those ways)."""
+    """Scores and images per way; ``control_pipe`` is ``pipe``'s ControlNet pipeline (None: skip those ways).
+    ``sketch_kind``: the ControlNet reads the layout's boxes, or a silhouette sketch of each pair."""
     scores, images = {}, {}
     ways = tuple(w for w in ways if control_pipe is not None or w not in ("controlnet", "both"))
     with progress_bar(label, len(ways) * len(pairs) * len(seeds)) as bar, torch.no_grad():
         for way in ways:
             runner = control_pipe if way in ("controlnet", "both") else pipe
             images[way] = []
-            for pair in pairs:
+            for i, pair in enumerate(pairs):
                 layout = pair_layout(pair, suffix)
+                control = condition_image(layout, pair, sketch_kind, 90_000 + i)
                 images[way].append(sample(runner, layout.prompt, seeds, steps=steps, guidance=GUIDANCE, width=SIZE,
-                                          height=SIZE, batch_size=16, conditioning=conditioning(way, layout)))
+                                          height=SIZE, batch_size=16, conditioning=conditioning(way, layout, control)))
                 if bar:
                     bar.advance(0, len(seeds))
             scores[way] = score(judges, pairs, images[way])

@@ -71,6 +71,19 @@ def _param_groups(cfg: TrainConfig, modules: dict[str, torch.nn.Module]) -> list
     return [{"params": _trainable(module), "lr": learning_rate(cfg, name)} for name, module in modules.items()]
 
 
+def apply_layer_filter(unet: torch.nn.Module, parts: list[str]) -> None:
+    """--unet-layer-filter: the UNet weights named by a part train, those named by a '!part' stay frozen."""
+    wanted = [p for p in parts if not p.startswith("!")]
+    unwanted = [p[1:] for p in parts if p.startswith("!")]
+    chosen = 0
+    for name, param in unet.named_parameters():
+        trains = (not wanted or any(p in name for p in wanted)) and not any(p in name for p in unwanted)
+        param.requires_grad_(trains)
+        chosen += trains
+    if not chosen:
+        raise UserError(f"--unet-layer-filter {','.join(parts)}: no UNet weight is left to train")
+
+
 class FullTrainables:
     """Every UNet weight (and the weights of each trained text encoder) trains; with
     --text-encoder-scope identifier, of the text encoders only the identifier's embedding rows."""
@@ -80,7 +93,7 @@ class FullTrainables:
         self.cfg = cfg
         self.backbone = backbone
         trained = trained_text_encoders(cfg, backbone)
-        unet.requires_grad_(True)
+        apply_layer_filter(unet, cfg.unet_layer_filter)
         for name, encoder in text_encoders.items():
             encoder.requires_grad_(name in trained)
         freeze_unused(backbone, text_encoders)
