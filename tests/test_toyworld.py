@@ -184,19 +184,20 @@ def test_steps_curve_reads_each_point_from_one_run(tmp_path, monkeypatch):
 
 # Thresholds of the slow test: the recipe (demo_config(), the scripts' and the docs' recipe) trained with
 # training seeds 1 and 2, each judged on 12 held-out cells x eval seeds 1000-1001, asserted on the mean of
-# the two runs (docs/proof-world.md, "Over training seeds", 2026-12-01: this is that table's seeds 1 and 2
+# the two runs (docs/proof-world.md, "Over training seeds", 2026-12-02: this is that table's seeds 1 and 2
 # at eval seeds 1000-1001). Where the recipe meets issue #18's target the bar is the target; where it
-# misses (subject with the token 0.85x the base's, colour with the token 0.7, the token-first order),
-# the bar holds the measured level less about two images of 48 (another CPU's rounding can flip some).
+# misses (colour with the token 0.7, the token-first order; subject with the token 0.85x the base's is met
+# over three seeds and two eval sets, 0.86, but not on these two runs), the bar holds the measured level
+# less about two images of 48 (another CPU's rounding can flip some).
 TRAIN_SEEDS = (1, 2)
-MIN_STYLE_HIT = 0.85  # target; measured 0.98 (1.00 / 0.96)
-MIN_STYLE_HIT_ANY_SEED = 0.75  # target; measured 0.96
+MIN_STYLE_HIT = 0.85  # target; measured 0.90 (1.00 / 0.79)
+MIN_STYLE_HIT_ANY_SEED = 0.75  # target; measured 0.79 (one image of 24 above it; 0.85 over both eval sets)
 MAX_BASE_STYLE_HIT = 0.1  # the base has never seen yltcaxe
-MAX_LEAK = 0.08  # target; measured 0.02 (0.02 / 0.02; before the recipe's plain class prompts 0.11)
+MAX_LEAK = 0.08  # target; measured 0.01 (0.02 / 0.00; before the recipe's plain class prompts 0.11)
 MAX_LEAK_ANY_SEED = 0.12  # target; measured 0.02
-MIN_SUBJECT_RATIO_TOKEN = 0.75  # target 0.85; measured 0.83 / 1.00 (0.88 / 0.79)
-MIN_SUBJECT_RATIO_PLAIN = 0.75  # measured 0.88 / 1.00
-MIN_COLOUR_TOKEN = 0.2  # target 0.7; measured 0.25 (0.38 / 0.12; before: 0.12), chance 0.17
+MIN_SUBJECT_RATIO_TOKEN = 0.75  # target 0.85; measured 0.79 / 1.00 (0.71 / 0.88)
+MIN_SUBJECT_RATIO_PLAIN = 0.75  # measured 0.98 / 1.00
+MIN_COLOUR_TOKEN = 0.2  # target 0.7; measured 0.27 (0.38 / 0.17), chance 0.17
 
 
 @pytest.mark.slow
@@ -225,8 +226,8 @@ def test_dreambooth_binds_the_style_to_the_token(tmp_path, monkeypatch):
     assert mean["subject_acc_token"] >= MIN_SUBJECT_RATIO_TOKEN * mean["base_subject_acc"], summary
     assert mean["subject_acc_plain"] >= MIN_SUBJECT_RATIO_PLAIN * mean["base_subject_acc"], summary
     assert mean["colour_acc_token"] >= MIN_COLOUR_TOKEN, summary
-    # "yltcaxe artstyle, a yellow star": measured 0.04 against the base's 0.17 on that order (issue #18's
-    # target is >= the base's; missed, see docs/proof-world.md), so it is reported, not asserted.
+    # "yltcaxe artstyle, a yellow star": measured 0.15 (0.00 / 0.29) against the base's 0.17 on that order
+    # (issue #18's target is >= the base's; missed, see docs/proof-world.md), so it is reported, not asserted.
     for seed in TRAIN_SEEDS:
         assert (tmp_path / f"seed-{seed}" / "run" / "model" / "model_index.json").is_file()
 
@@ -264,6 +265,9 @@ def test_demo_page_shows_grids_and_metrics(tmp_path):
 MIN_HALF_WITH_LAYOUT = 0.4  # measured 0.58 / 0.50
 MAX_HALF_PROMPT_ONLY = 0.2  # measured 0.00 / 0.08
 MIN_BOTH_WITH_LAYOUT = 0.04  # measured 0.12 (3 of 24): far from the issue's 0.8, see docs/proof-world.md
+# With a painted sketch of the two silhouettes instead of boxes, the ControlNet alone draws both asked
+# kinds (any colour) in 17 of 24 (0.71; prompt only: 0 of 24).
+MIN_KINDS_FROM_SILHOUETTES = 0.5
 
 
 @pytest.mark.slow
@@ -283,6 +287,10 @@ def test_a_layout_puts_each_subject_in_its_half():
     assert min(layout.left, layout.right) >= MIN_HALF_WITH_LAYOUT, summary  # each half now shows its subject
     assert layout.success >= MIN_BOTH_WITH_LAYOUT, summary
     assert layout.success > prompt.success, summary
+    painted, _ = two_subjects.measure(pipe, two_subjects.toy_controlnet_pipeline(pipe), Judges.load(), pairs,
+                                      [5000, 5001, 5002], ways=("controlnet",), sketch_kind="silhouettes")
+    assert painted["controlnet"].subjects >= MIN_KINDS_FROM_SILHOUETTES, painted["controlnet"]
+    assert prompt.subjects <= 0.1, summary  # measured 0.00
 
 
 def test_two_subject_sketches_put_each_subject_in_its_half():
