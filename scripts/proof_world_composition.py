@@ -3,6 +3,7 @@
 
     OMP_NUM_THREADS=1 python scripts/proof_world_composition.py --work WORK          # train, then measure
     python scripts/proof_world_composition.py --work WORK --models base             # the base alone
+    python scripts/proof_world_composition.py --work WORK --sketch silhouettes      # a painted sketch
 
 Models: the shipped base (plain prompts), the demo's full fine-tune and the LoRA recipe (rank 4,
 lr 5e-3, 750 steps, same data), both prompted with the token. Ways: prompt only, regional prompts,

@@ -3,7 +3,9 @@
 1. ``prompt``: the prompt alone ("a yellow star and a purple heart, yltcaxe artstyle");
 2. ``regions``: a layout whose left box asks for the first subject and right box for the second
    (regional prompts, ``sampling/regional_attention.py``);
-3. ``controlnet``: the prompt, plus the layout's sketch through the proof world's ControlNet;
+3. ``controlnet``: the prompt, plus a sketch through the proof world's ControlNet: the layout's boxes
+   filled with ink (``layout-sketch --style solid``), or a painted sketch of the two silhouettes, in ink
+   or in the asked colours (``SKETCHES``);
 4. ``both``: regions and the ControlNet together.
 
 Success means both halves show the asked subject in the asked colour (the judges' verdict on
@@ -70,8 +72,8 @@ def sketch(layout: Layout) -> Image.Image:
 
 
 def silhouette_sketch(pair: Pair, seed: int, coloured: bool = False) -> Image.Image:
-    """A user's painted sketch of the pair: each subject's silhouette filled with ink (or with its
-    colour), at a place in its half (the renderer's ground truth for a scene of the pair at ``seed``)."""
+    """A user's painted sketch of the pair: each subject's silhouette, as large as its half holds, filled
+    with ink (or with its colour) at a place in that half, drawn by the renderer from ``seed``."""
     (k1, c1), (k2, c2) = pair
     rng = np.random.default_rng([seed, 4242])
     halves = ((0.0, SIZE / 2), (SIZE / 2, SIZE))
