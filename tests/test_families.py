@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from clihelp import run_cli, train_args
+from lorahelp import assert_loads_like_fused, merge_adapters
 from conftest import write_style_images
 from test_reference_losses import reference_losses
 
@@ -187,7 +187,6 @@ def test_first_20_losses_match_the_plain_reference(tmp_path, family_model, capsy
 
 def test_sdxl_lora_file_loaded_by_diffusers_matches_the_fused_adapters(tmp_path):
     from diffusers import StableDiffusionXLPipeline
-    from peft.tuners.lora import LoraLayer
 
     from style_dreambooth.config import TrainConfig
     from style_dreambooth.models.backbones import SDXL
@@ -217,17 +216,8 @@ def test_sdxl_lora_file_loaded_by_diffusers_matches_the_fused_adapters(tmp_path)
         return pipe("a yltcaxe artstyle house", num_inference_steps=3, generator=generator, width=64, height=64,
                     output_type="np").images[0]
 
-    for module in lora.modules.values():
-        for m in module.modules():
-            if isinstance(m, LoraLayer):
-                m.merge()  # W + (alpha/r) * up @ down into the base weights
-    fused = image(ours)
-    plain = StableDiffusionXLPipeline.from_pretrained(model)
-    base = image(plain)
-    plain.load_lora_weights(str(file))
-    loaded = image(plain)
-    assert np.abs(loaded - base).max() > 1e-2, "the LoRA must change the output"
-    assert np.allclose(loaded, fused, atol=1e-4), np.abs(loaded - fused).max()
+    merge_adapters(lora)
+    assert_loads_like_fused(StableDiffusionXLPipeline.from_pretrained(model), file, image, image(ours))
 
 
 # --------------------------------------------------------------------------- the families' errors

@@ -57,19 +57,29 @@ def sketch_of(scene, rng: np.random.Generator, p_colour: float = 0.0) -> Image.I
     ``layout-sketch --style solid`` draws a layout), or for some examples its filled silhouette
     (as a user might paint it); with probability ``p_colour`` the shapes are filled with each
     subject's colour instead of ink (``layout-sketch --style colours``, or a user's colour drawing)."""
-    layers = scene_layers(scene)
     silhouette = rng.random() < P_SILHOUETTE
     coloured = p_colour > 0 and rng.random() < p_colour  # no draw at 0: the shipped model's pairs stay the same
+    if silhouette:
+        return painted_sketch(scene, coloured)
+    layers = scene_layers(scene)
     arr = np.full((SIZE, SIZE, 3), 255, np.uint8)
     for i, subject in enumerate(scene.subjects):
-        mask = subject_mask(layers, i) > 0.5
-        ink = COLOURS[subject.colour] if coloured else (0, 0, 0)
-        if silhouette:
-            arr[mask] = ink
-        else:
-            x0, y0, x1, y1 = (int(round(v)) for v in _box(mask, rng))
-            arr[y0:y1, x0:x1] = ink
+        x0, y0, x1, y1 = (int(round(v)) for v in _box(subject_mask(layers, i) > 0.5, rng))
+        arr[y0:y1, x0:x1] = _ink(subject, coloured)
     return Image.fromarray(arr)
+
+
+def painted_sketch(scene, coloured: bool = False) -> Image.Image:
+    """Each subject of ``scene`` as its filled silhouette on white: in ink, or in the subject's named colour."""
+    layers = scene_layers(scene)
+    arr = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    for i, subject in enumerate(scene.subjects):
+        arr[subject_mask(layers, i) > 0.5] = _ink(subject, coloured)
+    return Image.fromarray(arr)
+
+
+def _ink(subject, coloured: bool) -> tuple[int, int, int]:
+    return COLOURS[subject.colour] if coloured else (0, 0, 0)
 
 
 def training_pairs(n: int, seed: int = 0, p_colour: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -29,7 +29,8 @@ from ..sampling.generate import sample
 from ..sampling.sketch import draw_sketch
 from .evaluate import GUIDANCE
 from .judges import Judges, half_view
-from .render import COLOURS, SIZE, Scene, random_subject, scene_layers, subject_mask
+from .controlnet import painted_sketch
+from .render import SIZE, Scene, random_subject
 from .styles import ARTIST_STYLE
 
 log = logging.getLogger(__name__)
@@ -82,15 +83,6 @@ def silhouette_sketch(pair: Pair, seed: int, coloured: bool = False) -> Image.Im
     return painted_sketch(Scene(subjects=subjects, background=(255, 255, 255), gradient=0.0), coloured)
 
 
-def painted_sketch(scene, coloured: bool) -> Image.Image:
-    """Each subject of ``scene`` as its filled silhouette on white: ink, or the subject's named colour."""
-    layers = scene_layers(scene)
-    arr = np.full((SIZE, SIZE, 3), 255, np.uint8)
-    for i, subject in enumerate(scene.subjects):
-        arr[subject_mask(layers, i) > 0.5] = COLOURS[subject.colour] if coloured else (0, 0, 0)
-    return Image.fromarray(arr)
-
-
 def condition_image(layout: Layout, pair: Pair, kind: str, seed: int) -> Image.Image:
     """The ControlNet's condition image: the layout's box sketch, or a silhouette sketch of the pair."""
     if kind not in SKETCHES:
@@ -98,12 +90,12 @@ def condition_image(layout: Layout, pair: Pair, kind: str, seed: int) -> Image.I
     return sketch(layout) if kind == "boxes" else silhouette_sketch(pair, seed, coloured=kind == "colours")
 
 
-def conditioning(way: str, layout: Layout, control_image: Image.Image | None = None) -> Conditioning:
+def conditioning(way: str, layout: Layout, control_image: Image.Image) -> Conditioning:
     cond = Conditioning()
     if way in ("regions", "both"):
         cond = Conditioning([r.prompt for r in layout.regions], region_masks(layout, SIZE, SIZE), layout.base_weight)
     if way in ("controlnet", "both"):
-        cond.control_images = [control_image or sketch(layout)]
+        cond.control_images = [control_image]
         cond.control_scales = [1.0]
     return cond
 
@@ -143,13 +135,14 @@ def measure(pipe, control_pipe, judges: Judges, pairs: list[Pair], seeds: list[i
     ``sketch_kind``: the ControlNet reads the layout's boxes, or a silhouette sketch of each pair."""
     scores, images = {}, {}
     ways = tuple(w for w in ways if control_pipe is not None or w not in ("controlnet", "both"))
+    layouts = [pair_layout(pair, suffix) for pair in pairs]
+    controls = [condition_image(layout, pair, sketch_kind, 90_000 + i) if control_pipe is not None else None
+                for i, (layout, pair) in enumerate(zip(layouts, pairs))]
     with progress_bar(label, len(ways) * len(pairs) * len(seeds)) as bar, torch.no_grad():
         for way in ways:
             runner = control_pipe if way in ("controlnet", "both") else pipe
             images[way] = []
-            for i, pair in enumerate(pairs):
-                layout = pair_layout(pair, suffix)
-                control = condition_image(layout, pair, sketch_kind, 90_000 + i)
+            for layout, control in zip(layouts, controls):
                 images[way].append(sample(runner, layout.prompt, seeds, steps=steps, guidance=GUIDANCE, width=SIZE,
                                           height=SIZE, batch_size=16, conditioning=conditioning(way, layout, control)))
                 if bar:
