@@ -115,6 +115,58 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, instance_dir, cac
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {f"{name}.{k}": v for name in ("unet", "text_encoder")
+            for k, v in load_file(next((folder / name).glob("*.safetensors"))).items()}
+
+
+def test_ema_keeps_the_average_of_the_live_weights_and_resumes_exactly(tmp_path, tiny_model, instance_dir, cache_env,
+                                                                        capsys, monkeypatch):
+    import style_dreambooth.training.loop as loop
+
+    common = ["--max-train-steps", "4", "--lr-scheduler", "linear", "--lr-warmup-steps", "1"]
+    live = tmp_path / "live"  # no average: each step's checkpoint holds the live weights
+    assert run_cli(capsys, *train_args(tiny_model, instance_dir, live, *common, "--checkpointing-steps", "1"))[0] == 0
+    steps = [_weights(live / "checkpoints" / f"step-{k:06d}") for k in (1, 2, 3)] + [_weights(live / "model")]
+    # The average, written out: decay 0 at the first step, then 1 - (1 + n)^(-2/3) capped at --ema-decay.
+    expected, cap = {k: v.clone() for k, v in steps[0].items()}, 0.5
+    for n, weights in enumerate(steps[1:], start=1):
+        decay = min(cap, 1 - (1 + n) ** (-2 / 3))
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+        if n == 1:
+            after_two = {k: v.clone() for k, v in expected.items()}
+
+    averaged = tmp_path / "ema"
+    args = train_args(tiny_model, instance_dir, averaged, *common, "--checkpointing-steps", "2", "--ema-decay", str(cap))
+    assert run_cli(capsys, *args)[0] == 0
+    assert [m["loss"] for m in _metrics(averaged)] == pytest.approx([m["loss"] for m in _metrics(live)], rel=1e-6)
+    final, at_two = _weights(averaged / "model"), _weights(averaged / "checkpoints" / "step-000002")
+    moved = [k for k in expected if not torch.allclose(steps[-1][k], steps[-2][k])]
+    assert moved, "training moved the weights"
+    for k in moved:
+        assert torch.allclose(final[k], expected[k], atol=1e-6), k
+        assert torch.allclose(at_two[k], after_two[k], atol=1e-6), k
+        assert not torch.allclose(final[k], steps[-1][k]), f"{k}: the final model is the average, not the live weights"
+
+    real_save = loop.save_checkpoint
+    def crash_after_step_two(*a, **kw):
+        real_save(*a, **kw)
+        raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_two)
+    args = train_args(tiny_model, instance_dir, part, *common, "--checkpointing-steps", "2", "--ema-decay", str(cap))
+    assert run_cli(capsys, *args)[0] == 130
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    code, _, err = run_cli(capsys, *args, "--resume-from-checkpoint", "latest")
+    assert code == 0, err
+    assert [m["loss"] for m in _metrics(part)] == pytest.approx([m["loss"] for m in _metrics(averaged)], rel=1e-6)
+    resumed = _weights(part / "model")
+    assert all(torch.allclose(resumed[k], final[k], atol=1e-6) for k in final)
+
+
 def StableDiffusionPipeline_unet(run: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -170,6 +170,11 @@ class TrainConfig(BaseModel):
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
     adam_weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="Keep an exponential moving average of the trained weights (0.999 is common); samples, "
+        "checkpoints and the final model use it. Its decay warms up, so short runs average their later steps.",
+    )
 
     # Validation and checkpoints
     validation_prompt: list[str] = Field(

@@ -35,7 +35,7 @@ RESUME_FIXED_KEYS = (
     "train_text_encoder_2", "seed", "train_batch_size", "gradient_accumulation_steps", "resolution", "center_crop",
     "with_prior_preservation", "instance_prompt",
     # the optimizer and schedule state come from the checkpoint, so a new value would be ignored
-    "learning_rate", "text_encoder_lr", "text_encoder_2_lr", "lr_scheduler", "lr_warmup_steps",
+    "learning_rate", "text_encoder_lr", "text_encoder_2_lr", "lr_scheduler", "lr_warmup_steps", "ema_decay",
 )
 
 

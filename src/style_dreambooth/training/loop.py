@@ -43,6 +43,7 @@ from .checkpoints import (
     check_checkpoint_method, checkpoint_name, load_training_state, resolve_checkpoint, save_checkpoint, state_bytes,
 )
 from .class_images import class_image_examples
+from .ema import WeightAverage
 from .inputs import (  # noqa: F401 - check_resume_config is part of this module's interface
     absolute_paths, check_prompt_lengths, check_resume_config, generated_class_prompts, resolve_class_prompt,
     resolve_family, resolve_mixed_precision, trained_timesteps,
@@ -155,6 +156,11 @@ class Optimisation:
     lr_scheduler: Any
     params: list[torch.nn.Parameter]
     start_step: int
+    ema: WeightAverage | None = None
+
+    def averaged(self):
+        """The weights the run shows and keeps (the moving average, with --ema-decay) in the modules."""
+        return self.ema.applied() if self.ema else contextlib.nullcontext()
 
 
 def _train(cfg: TrainConfig) -> Path:
@@ -323,20 +329,21 @@ def make_optimisation(setup: Setup, models: Models) -> Optimisation:
     prepared = accelerator.prepare(*models.trainables.modules.values(), optimizer)
     models.trained = dict(zip(names, prepared[:-1]))
     optimizer = prepared[-1]
+    ema = WeightAverage.for_run(cfg, params)
 
     start_step = 0
     if setup.checkpoint is None and setup.main:
         run.set_aside_previous()  # put back if this run fails; dropped once its model is installed
     if setup.checkpoint is not None:
-        start_step = _restore_state(setup, optimizer, lr_scheduler)
+        start_step = _restore_state(setup, optimizer, lr_scheduler, ema)
     if setup.main:
         run.write_config(cfg.to_yaml_dict())
         accelerator.init_trackers("style-dreambooth")
-    return Optimisation(optimizer, lr_scheduler, params, start_step)
+    return Optimisation(optimizer, lr_scheduler, params, start_step, ema)
 
 
-def _restore_state(setup: Setup, optimizer, lr_scheduler) -> int:
-    """Load the optimizer, schedule and scaler states of the checkpoint; return its step."""
+def _restore_state(setup: Setup, optimizer, lr_scheduler, ema: WeightAverage | None) -> int:
+    """Load the optimizer, schedule, scaler and weight-average states of the checkpoint; return its step."""
     checkpoint, cfg, accelerator = setup.checkpoint, setup.cfg, setup.accelerator
     state = load_training_state(checkpoint)
     # Implementation flags (fused, foreach) belong to this run, not the saved one: a checkpoint from
@@ -348,6 +355,10 @@ def _restore_state(setup: Setup, optimizer, lr_scheduler) -> int:
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if accelerator.scaler is not None and state.get("grad_scaler"):
         accelerator.scaler.load_state_dict(state["grad_scaler"])
+    if ema is not None and state.get("ema"):
+        ema.resume(state["ema"])
+    elif ema is not None:
+        log.info("checkpoint %s holds no weight average; the average starts from its weights", checkpoint)
     start_step = int(state["step"])
     if start_step >= cfg.max_train_steps:
         raise UserError(
@@ -458,9 +469,11 @@ def save_step_checkpoint(setup: Setup, models: Models, optimisation: Optimisatio
             "optimizer": optimisation.optimizer.state_dict(),
             "lr_scheduler": optimisation.lr_scheduler.state_dict(),
             "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+            "ema": optimisation.ema.state() if optimisation.ema else None,
         }
         target = run.root / "checkpoints" / checkpoint_name(step)
-        with disk_full_is_user_error(target, state_bytes([optimisation.params, state]), run.what_is_kept):
+        with disk_full_is_user_error(target, state_bytes([optimisation.params, state]), run.what_is_kept), \
+                optimisation.averaged():
             save_checkpoint(
                 run.root, step, lambda folder: models.trainables.save_weights(folder, unwrapped),
                 state, setup.cfg.checkpoints_total_limit,
@@ -534,6 +547,8 @@ def run_steps(setup: Setup, models: Models, optimisation: Optimisation, instance
                     prior = parts.prior.detach() if parts.prior is not None else torch.zeros((), device=sums.device)
                     sums += torch.stack([parts.total.detach(), parts.instance.detach(), prior]).float() / accum
                 optimisation.lr_scheduler.step()
+                if optimisation.ema:
+                    optimisation.ema.step()
                 global_step = step + 1
                 metrics.add(global_step, optimisation.lr_scheduler.get_last_lr()[0], sums)
 
@@ -544,7 +559,8 @@ def run_steps(setup: Setup, models: Models, optimisation: Optimisation, instance
                 if bar:
                     bar.update(0, completed=global_step)
                 if cfg.validation_steps and (global_step % cfg.validation_steps == 0 or last) and setup.main:
-                    validate(setup, models, global_step)
+                    with optimisation.averaged():
+                        validate(setup, models, global_step)
                 if checkpoint_due:
                     save_step_checkpoint(setup, models, optimisation, global_step)
     except BaseException:
@@ -575,7 +591,7 @@ def save_model(setup: Setup, models: Models, optimisation: Optimisation) -> Path
         saved = optimisation.params if cfg.method == "lora" else [
             base.vae, *{**models.backbone.text_encoders(base), **final}.values()]
         try:
-            with disk_full_is_user_error(tmp, state_bytes(saved), run.what_is_kept):
+            with disk_full_is_user_error(tmp, state_bytes(saved), run.what_is_kept), optimisation.averaged():
                 models.trainables.save_final(tmp, base, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
