@@ -31,7 +31,9 @@ from style_dreambooth.training.loop import train
 
 RECIPES = {
     "full": lambda cfg: cfg,
-    "lora": lambda cfg: replace(cfg, method="lora", rank=4, learning_rate=5e-3, text_encoder_lr=None, max_train_steps=750),
+    # without the full recipe's min-SNR-5, which costs this LoRA its style (docs/proof-world.md, "Composition")
+    "lora": lambda cfg: replace(cfg, method="lora", rank=4, learning_rate=5e-3, text_encoder_lr=None, max_train_steps=750,
+                                train_overrides={k: v for k, v in cfg.train_overrides.items() if k != "snr_gamma"}),
 }
 
 
