@@ -77,6 +77,14 @@ def test_train_then_generate_end_to_end(tmp_path, tiny_model, instance_dir, cach
     assert "Model: run/step-000002" in Image.open(tmp_path / "gen2" / "000000.png").text["parameters"]
 
 
+def _weights(folder: Path, modules: tuple[str, ...] = ("unet", "text_encoder")) -> dict:
+    """The weights of ``modules`` saved in ``folder`` (a model or a checkpoint), keyed "module.name"."""
+    from safetensors.torch import load_file
+
+    return {f"{name}.{k}": v for name in modules
+            for k, v in load_file(next((folder / name).glob("*.safetensors"))).items()}
+
+
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, instance_dir, cache_env, capsys, monkeypatch):
     import style_dreambooth.training.loop as loop
 
@@ -110,16 +118,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, instance_dir, cac
     for x, y in zip(a, b):
         for key in ("loss", "instance_loss", "prior_loss", "lr"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
-    wa = StableDiffusionPipeline_unet(full)
-    wb = StableDiffusionPipeline_unet(part)
+    wa = _weights(full / "model", ("unet",))
+    wb = _weights(part / "model", ("unet",))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-
-
-def _weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return {f"{name}.{k}": v for name in ("unet", "text_encoder")
-            for k, v in load_file(next((folder / name).glob("*.safetensors"))).items()}
 
 
 def test_ema_keeps_the_average_of_the_live_weights_and_resumes_exactly(tmp_path, tiny_model, instance_dir, cache_env,
@@ -130,13 +131,13 @@ def test_ema_keeps_the_average_of_the_live_weights_and_resumes_exactly(tmp_path,
     live = tmp_path / "live"  # no average: each step's checkpoint holds the live weights
     assert run_cli(capsys, *train_args(tiny_model, instance_dir, live, *common, "--checkpointing-steps", "1"))[0] == 0
     steps = [_weights(live / "checkpoints" / f"step-{k:06d}") for k in (1, 2, 3)] + [_weights(live / "model")]
-    # The average, written out: decay 0 at the first step, then 1 - (1 + n)^(-2/3) capped at --ema-decay.
-    expected, cap = {k: v.clone() for k, v in steps[0].items()}, 0.5
+    # The average after each step, written out: decay 0 at the first step, then 1 - (1 + n)^(-2/3) capped at
+    # --ema-decay.
+    cap, averages = 0.5, [steps[0]]
     for n, weights in enumerate(steps[1:], start=1):
         decay = min(cap, 1 - (1 + n) ** (-2 / 3))
-        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
-        if n == 1:
-            after_two = {k: v.clone() for k, v in expected.items()}
+        averages.append({k: decay * averages[-1][k] + (1 - decay) * weights[k] for k in weights})
+    expected, after_two = averages[-1], averages[1]
 
     averaged = tmp_path / "ema"
     args = train_args(tiny_model, instance_dir, averaged, *common, "--checkpointing-steps", "2", "--ema-decay", str(cap))
@@ -165,12 +166,6 @@ def test_ema_keeps_the_average_of_the_live_weights_and_resumes_exactly(tmp_path,
     assert [m["loss"] for m in _metrics(part)] == pytest.approx([m["loss"] for m in _metrics(averaged)], rel=1e-6)
     resumed = _weights(part / "model")
     assert all(torch.allclose(resumed[k], final[k], atol=1e-6) for k in final)
-
-
-def StableDiffusionPipeline_unet(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def test_reference_command_line_is_accepted(tmp_path, tiny_model, instance_dir, capsys):
