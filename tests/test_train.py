@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -77,6 +78,27 @@ def test_train_then_generate_end_to_end(tmp_path, tiny_model, instance_dir, cach
     assert "Model: run/step-000002" in Image.open(tmp_path / "gen2" / "000000.png").text["parameters"]
 
 
+@contextlib.contextmanager
+def dies_after_checkpoint(monkeypatch, step: int | None = None):
+    """Within: the training process dies (KeyboardInterrupt) right after it writes checkpoint ``step``
+    (any checkpoint if None)."""
+    import style_dreambooth.training.loop as loop
+
+    real_save = loop.save_checkpoint
+
+    def crash(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if step is None or args[1] == step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(loop, "save_checkpoint", real_save)
+
+
 def _weights(folder: Path, modules: tuple[str, ...] = ("unet", "text_encoder")) -> dict:
     """The weights of ``modules`` saved in ``folder`` (a model or a checkpoint), keyed "module.name"."""
     from safetensors.torch import load_file
@@ -86,26 +108,16 @@ def _weights(folder: Path, modules: tuple[str, ...] = ("unet", "text_encoder")) 
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, instance_dir, cache_env, capsys, monkeypatch):
-    import style_dreambooth.training.loop as loop
-
     common = ["--max-train-steps", "5", "--checkpointing-steps", "2", "--lr-scheduler", "linear",
               "--lr-warmup-steps", "1", "--train-batch-size", "2", "--gradient-accumulation-steps", "2"]
     full = tmp_path / "full"
     assert run_cli(capsys, *train_args(tiny_model, instance_dir, full, *common))[0] == 0
 
-    real_save = loop.save_checkpoint
-    def crash_after_second(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if args[1] == 4:
-            raise KeyboardInterrupt  # the process dies right after step 4's checkpoint
-        return path
-
     part = tmp_path / "part"
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second)
-    code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, part, *common))
+    with dies_after_checkpoint(monkeypatch, step=4):
+        code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, part, *common))
     assert code == 130 and "resume" in err
     assert not (part / "model").exists()
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
 
     # Without --resume the unfinished run is protected.
     code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, part, *common))
@@ -125,8 +137,6 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, instance_dir, cac
 
 def test_ema_keeps_the_average_of_the_live_weights_and_resumes_exactly(tmp_path, tiny_model, instance_dir, cache_env,
                                                                         capsys, monkeypatch):
-    import style_dreambooth.training.loop as loop
-
     common = ["--max-train-steps", "4", "--lr-scheduler", "linear", "--lr-warmup-steps", "1"]
     live = tmp_path / "live"  # no average: each step's checkpoint holds the live weights
     assert run_cli(capsys, *train_args(tiny_model, instance_dir, live, *common, "--checkpointing-steps", "1"))[0] == 0
@@ -151,16 +161,10 @@ def test_ema_keeps_the_average_of_the_live_weights_and_resumes_exactly(tmp_path,
         assert torch.allclose(at_two[k], after_two[k], atol=1e-6), k
         assert not torch.allclose(final[k], steps[-1][k]), f"{k}: the final model is the average, not the live weights"
 
-    real_save = loop.save_checkpoint
-    def crash_after_step_two(*a, **kw):
-        real_save(*a, **kw)
-        raise KeyboardInterrupt
-
     part = tmp_path / "part"
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_two)
     args = train_args(tiny_model, instance_dir, part, *common, "--checkpointing-steps", "2", "--ema-decay", str(cap))
-    assert run_cli(capsys, *args)[0] == 130
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    with dies_after_checkpoint(monkeypatch, step=2):
+        assert run_cli(capsys, *args)[0] == 130
     code, _, err = run_cli(capsys, *args, "--resume-from-checkpoint", "latest")
     assert code == 0, err
     assert [m["loss"] for m in _metrics(part)] == pytest.approx([m["loss"] for m in _metrics(averaged)], rel=1e-6)
@@ -287,22 +291,13 @@ def test_captions_are_added_to_the_instance_prompt(tmp_path):
 
 
 def test_lora_resume_equals_uninterrupted_run(tmp_path, tiny_model, instance_dir, cache_env, capsys, monkeypatch):
-    import style_dreambooth.training.loop as loop
-
     common = ["--method", "lora", "--rank", "2", "--lora-dropout", "0.1", "--max-train-steps", "4",
               "--checkpointing-steps", "2"]
     full = tmp_path / "full"
     assert run_cli(capsys, *train_args(tiny_model, instance_dir, full, *common))[0] == 0
-    real_save = loop.save_checkpoint
-
-    def crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
     part = tmp_path / "part"
-    monkeypatch.setattr(loop, "save_checkpoint", crash)
-    assert run_cli(capsys, *train_args(tiny_model, instance_dir, part, *common))[0] == 130
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    with dies_after_checkpoint(monkeypatch):
+        assert run_cli(capsys, *train_args(tiny_model, instance_dir, part, *common))[0] == 130
     # A contradicting flag is refused; the run's own config.yaml supplies everything else.
     code, _, err = run_cli(capsys, "train", "--output-dir", part, "--resume-from-checkpoint", "latest", "--rank", "8")
     assert code == 2 and "rank" in err
