@@ -13,6 +13,8 @@
     python scripts/proof_world_probe.py --judges WORK/judges.safetensors curve nb --set base_model=WORK/base5
     # which part of a fine-tuned model carries the style and the leak: UNet or text encoder
     python scripts/proof_world_probe.py swap WORK/te-lr-1e-5 --checkpoint step-000500
+    # how much latent error each style's colours survive through the base's VAE (no training)
+    python scripts/proof_world_probe.py latents --styles plain,ink,sepia,yltcaxe
 
 ``--set`` takes an ExperimentConfig field or any TrainConfig field (``key=YAML value``). The
 evaluation is the demo's (24 class images, 12 held-out cells x 2 seeds, DPM++ 20 steps, no pairs).
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from PIL import Image
 
 from style_dreambooth.models.backbones import SD1, PromptEncoder
 from style_dreambooth.toyworld import experiment
@@ -100,6 +103,44 @@ def swap(args) -> None:
         print(row(label, probe.measure(pipe, 0.0, time.perf_counter())), flush=True)
 
 
+LATENT_ERRORS = ("as encoded", "noise 0.3 std", "contrast -20%", "3x3 blur")
+
+
+def _perturbed(z: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    """A latent as encoded, and the kinds of error a sampler makes (LATENT_ERRORS): noise, lost contrast,
+    lost detail."""
+    return [
+        z,
+        z + 0.3 * z.std() * torch.randn(z.shape, generator=generator),
+        0.8 * z + 0.2 * z.mean((2, 3), keepdim=True),
+        torch.nn.functional.avg_pool2d(z, 3, 1, 1, count_include_pad=False),
+    ]
+
+
+def latents(args) -> None:
+    """Render the held-out subjects in all colours in each style, encode them with the base's VAE, perturb
+    the latents, decode, and judge the colour: which palettes survive a generator's latent error."""
+    import numpy as np
+
+    from style_dreambooth.toyworld.render import COLOUR_NAMES, random_scene
+    from style_dreambooth.toyworld.styles import apply_style
+
+    vae, judges = load_pipe(demo_config().base_model).vae, Judges.load(args.judges)
+    cells = [(k, c, s) for k in experiment.HELDOUT_SUBJECTS for c in COLOUR_NAMES for s in (1000, 1001)]
+    print(f"| style | {' | '.join(LATENT_ERRORS)} |")
+    for style in args.styles.split(","):
+        pixels = torch.stack([torch.from_numpy(np.asarray(apply_style(random_scene(s, kind=k, colour=c), style),
+                                                         np.float32) / 127.5 - 1).permute(2, 0, 1) for k, c, s in cells])
+        with torch.no_grad():
+            z = vae.encode(pixels).latent_dist.mean
+            accs = []
+            for zz in _perturbed(z, torch.Generator().manual_seed(0)):
+                out = ((vae.decode(zz).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+                verdicts = judges.judge([Image.fromarray(a) for a in out])
+                accs.append(sum(v.colour == c for v, (_, c, _) in zip(verdicts, cells)) / len(cells))
+        print(f"| {style} | " + " | ".join(f"{a:.2f}" for a in accs) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/proof-world-probe"))
@@ -115,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("swap", help="judge a run with its UNet or text encoder swapped for the base's")
     s.add_argument("run", type=Path, help="a curve's work folder (holding run/)")
     s.add_argument("--checkpoint", default=None, help="step-N folder (default: the final model)")
+    v = sub.add_parser("latents", help="colour accuracy of VAE round trips with perturbed latents, per style")
+    v.add_argument("--styles", default="plain,ink,sepia,yltcaxe")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    (curve if args.command == "curve" else swap)(args)
+    {"curve": curve, "swap": swap, "latents": latents}[args.command](args)
     return 0
 
 

@@ -10,6 +10,8 @@ training seeds").
     OMP_NUM_THREADS=1 python scripts/proof_world_seeds.py --name shuffle --set shuffle_caption=true
     # the demo's quick variant (250 steps at lr 2e-4, 15 sampler steps)
     OMP_NUM_THREADS=1 python scripts/proof_world_seeds.py --name demo --quick
+    # on another base, judged by the judges trained with its styles (docs/proof-world.md, stage 5)
+    OMP_NUM_THREADS=1 python scripts/proof_world_seeds.py --name base5 --set base_model=WORK/base5 --judges WORK/judges.safetensors
 
 Each (training seed, eval set) writes WORK/NAME/seed-S/eval-E.json; a rerun with the same settings
 reuses them. The table goes to WORK/NAME/table.md and one summary line to WORK/summary.md. Metrics:
@@ -72,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--drop-runs", action="store_true",
                     help="delete the trained weights (default: keep them, so more eval sets reuse them)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--judges", type=Path, default=None,
+                    help="judges file, for a base trained with more styles (default: the shipped judges)")
     return ap.parse_args(argv)
 
 
@@ -84,7 +88,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     cfg = replace(cfg, drift_seeds=4, pairs=False)
     seeds = [int(s) for s in args.seeds.split(",")]
     eval_sets = [int(s) for s in args.eval_sets.split(",")]
-    judges = Judges.load()
+    judges = Judges.load(args.judges)
     folder = args.work / args.name
     probes: dict[int, _Probe] = {}
     results: dict[int, dict[int, dict]] = {}
