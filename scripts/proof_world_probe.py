@@ -120,8 +120,7 @@ def _perturbed(z: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor
 def latents(args) -> None:
     """Render the held-out subjects in all colours in each style, encode them with the base's VAE, perturb
     the latents, decode, and judge the colour: which palettes survive a generator's latent error."""
-    import numpy as np
-
+    from style_dreambooth.toyworld.data import to_array
     from style_dreambooth.toyworld.render import COLOUR_NAMES, random_scene
     from style_dreambooth.toyworld.styles import apply_style
 
@@ -129,8 +128,7 @@ def latents(args) -> None:
     cells = [(k, c, s) for k in experiment.HELDOUT_SUBJECTS for c in COLOUR_NAMES for s in (1000, 1001)]
     print(f"| style | {' | '.join(LATENT_ERRORS)} |")
     for style in args.styles.split(","):
-        pixels = torch.stack([torch.from_numpy(np.asarray(apply_style(random_scene(s, kind=k, colour=c), style),
-                                                         np.float32) / 127.5 - 1).permute(2, 0, 1) for k, c, s in cells])
+        pixels = torch.from_numpy(to_array([apply_style(random_scene(s, kind=k, colour=c), style) for k, c, s in cells]))
         with torch.no_grad():
             z = vae.encode(pixels).latent_dist.mean
             accs = []
