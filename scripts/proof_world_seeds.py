@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("eval_seed0", "seed", "base_model")}
+    return {k: v for k, v in config.items() if k not in ("eval_seed0", "seed", "base_model", "judges")}
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -89,6 +89,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     eval_sets = [int(s) for s in args.eval_sets.split(",")]
     judges = Judges.load(args.judges)
+    judges_file = str(args.judges) if args.judges else None  # recorded with each eval: another file re-judges
     folder = args.work / args.name
     probes: dict[int, _Probe] = {}
     results: dict[int, dict[int, dict]] = {}
@@ -100,7 +101,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         for e, path in wanted.items():
             if path.is_file():
                 saved = json.loads(path.read_text())
-                if _comparable(saved["config"]) == _comparable(json.loads(json.dumps(asdict(seed_cfg)))):
+                if _comparable(saved["config"]) == _comparable(json.loads(json.dumps(asdict(seed_cfg)))) \
+                        and saved["config"].get("judges") == judges_file:
                     done[e] = saved
         if len(done) < len(eval_sets):
             t0 = time.perf_counter()
@@ -123,6 +125,7 @@ def run_variant(args: argparse.Namespace) -> dict:
                 probe = probes[e].for_instances(instances, seed)
                 m = probe.measure(tuned, train_seconds, t0, label=f"seed {seed}, eval {e}")
                 m.config["eval_seed0"] = e
+                m.config["judges"] = judges_file
                 record = asdict(m)
                 wanted[e].write_text(json.dumps(record, indent=1), encoding="utf-8")
                 done[e] = record
