@@ -165,6 +165,14 @@ class TrainConfig(BaseModel):
         "timesteps, layout and colour in the high ones: e.g. 750 learns the look and leaves content to the base.",
     )
     offset_noise: float = Field(0.0, ge=0.0, description="Offset-noise strength (0.05-0.1 is common).")
+    multires_noise_iterations: int = Field(
+        0, ge=0, le=16,
+        description="Multi-resolution (pyramid) noise levels added at 1/2, 1/4, ... of the latent size (0: off; "
+        "6-10 is common at 512 px). Makes the loss weigh colours and tones, not only texture.",
+    )
+    multires_noise_discount: float = Field(
+        0.3, gt=0.0, le=1.0, description="Weight of each coarser multi-resolution noise level (0.1-0.4 is common).",
+    )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")

@@ -44,6 +44,7 @@ from .checkpoints import (
 )
 from .class_images import class_image_examples
 from .ema import WeightAverage
+from .noise import training_noise
 from .inputs import (  # noqa: F401 - check_resume_config is part of this module's interface
     absolute_paths, check_prompt_lengths, check_resume_config, generated_class_prompts, resolve_class_prompt,
     resolve_family, resolve_mixed_precision, trained_timesteps,
@@ -492,11 +493,8 @@ def micro_step(setup: Setup, models: Models, optimisation: Optimisation, batch, 
         with torch.no_grad():
             dist = models.encoder.latent_dist(batch)
             latents = (dist.sample(generator=gen) * models.base.vae.config.scaling_factor).float()
-        noise = torch.randn(latents.shape, generator=gen, device=latents.device)
-        if cfg.offset_noise:
-            noise = noise + cfg.offset_noise * torch.randn(
-                (*latents.shape[:2], 1, 1), generator=gen, device=latents.device
-            )
+        noise = training_noise(latents, gen, cfg.offset_noise, cfg.multires_noise_iterations,
+                               cfg.multires_noise_discount)
         timesteps = torch.randint(*models.timestep_range, (latents.shape[0],), generator=gen, device=latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with accelerator.autocast():
