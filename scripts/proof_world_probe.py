@@ -15,6 +15,8 @@
     python scripts/proof_world_probe.py swap WORK/te-lr-1e-5 --checkpoint step-000500
     # how much latent error each style's colours survive through the base's VAE (no training)
     python scripts/proof_world_probe.py latents --styles plain,ink,sepia,yltcaxe
+    # how well the tiny models draw the artist style when pretrained on it (train_toyworld.py base --ceiling)
+    python scripts/proof_world_probe.py ceiling src/style_dreambooth/toyworld/assets/base WORK/basey
 
 ``--set`` takes an ExperimentConfig field or any TrainConfig field (``key=YAML value``). The
 evaluation is the demo's (24 class images, 12 held-out cells x 2 seeds, DPM++ 20 steps, no pairs).
@@ -139,6 +141,29 @@ def latents(args) -> None:
         print(f"| {style} | " + " | ".join(f"{a:.2f}" for a in accs) + " |", flush=True)
 
 
+def ceiling(args) -> None:
+    """Judge base models on the recipe's colour metric prompts ("a yellow star, yltcaxe artstyle"; the
+    held-out subjects in the held-out colours at the demo's eval seeds and steps), on the same cells
+    without the token, and on the instance cells with it: for a base pretrained with the artist style
+    (`train_toyworld.py base --ceiling`), how well the tiny models draw it when they have seen thousands
+    of its images rather than five."""
+    from style_dreambooth.toyworld.evaluate import generate_jobs, grid_jobs, score_single
+
+    cfg, judges = demo_config(), Judges.load(args.judges)
+    seeds = range(cfg.eval_seed0, cfg.eval_seed0 + cfg.eval_seeds)
+    cells = {"held-out, token": (cfg.heldout_subjects, cfg.heldout_colours, "yltcaxe"),
+             "held-out, plain": (cfg.heldout_subjects, cfg.heldout_colours, None),
+             "instance, token": (experiment.INSTANCE_SUBJECTS, experiment.INSTANCE_COLOURS, "yltcaxe")}
+    print("| model | prompts | images | judged yltcaxe | subject | colour |")
+    for model in args.models:
+        pipe = load_pipe(model)
+        for name, (kinds, colours, style) in cells.items():
+            jobs = grid_jobs(kinds, colours, seeds, style)
+            scores = score_single(judges, jobs, generate_jobs(pipe, jobs, cfg.eval_steps))
+            print(f"| {model} | {name} | {scores.n} | {scores.style_rate('yltcaxe'):.2f} | {scores.subject_acc:.2f} "
+                  f"| {scores.colour_acc:.2f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/proof-world-probe"))
@@ -156,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--checkpoint", default=None, help="step-N folder (default: the final model)")
     v = sub.add_parser("latents", help="colour accuracy of VAE round trips with perturbed latents, per style")
     v.add_argument("--styles", default="plain,ink,sepia,yltcaxe")
+    e = sub.add_parser("ceiling", help="judge base models on the colour metric's prompts (the ceiling experiment)")
+    e.add_argument("models", nargs="+", help="pipeline folders")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"curve": curve, "swap": swap, "latents": latents}[args.command](args)
+    {"curve": curve, "swap": swap, "latents": latents, "ceiling": ceiling}[args.command](args)
     return 0
 
 

@@ -44,6 +44,8 @@ def stage_base(args) -> None:
 
     from style_dreambooth.toyworld.base_model import dataset_captions, encode_dataset, save_base, train_diffusion
 
+    if args.ceiling and args.name == "base":
+        sys.exit("--ceiling needs a --name of its own: `install` copies WORK/base into the package")
     vae = AutoencoderKL.from_pretrained(args.work / "vae").eval()
     styles = tuple(args.styles.split(","))
     suffix = "" if styles == PRETRAIN_STYLES else "-" + "-".join(s for s in styles if s not in PRETRAIN_STYLES)
@@ -51,9 +53,10 @@ def stage_base(args) -> None:
     if cache.is_file():
         latents, _ = torch.load(cache)
     else:
-        latents, default_captions = encode_dataset(vae, args.dataset, styles=styles)
+        latents, default_captions = encode_dataset(vae, args.dataset, styles=styles, ceiling=args.ceiling)
         torch.save((latents, default_captions), cache)
-    captions = dataset_captions(len(latents), args.artist_captions, styles=styles)  # images are fixed by seeds
+    # images are fixed by seeds
+    captions = dataset_captions(len(latents), args.artist_captions, styles=styles, ceiling=args.ceiling)
 
     def checkpoint(step, pipe):
         save_base(pipe, args.work / f"{args.name}-step{step}")
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="base: credit some named-style captions to made-up artists (the stage-4 experiment)")
     p.add_argument("--styles", default=",".join(PRETRAIN_STYLES),
                    help="base: the pretraining styles; judges: also tell these apart (e.g. add ink,sepia)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="base: let the artist style into --styles (the ceiling experiment; never install that base)")
     p.add_argument("--init", type=Path, default=None, help="base: continue from this pipeline folder")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=500)

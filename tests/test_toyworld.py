@@ -42,6 +42,8 @@ def test_component_styles_are_the_parts_of_yltcaxe():
 
     with pytest.raises(ValueError, match="never appears in pretraining"):
         pretrain_example(0, styles=("plain", "yltcaxe"))
+    ceiling = {pretrain_example(i, styles=("plain", "yltcaxe"), ceiling=True).caption for i in range(60)}
+    assert any(c.endswith("yltcaxe artstyle") for c in ceiling)  # only the ceiling experiment lets it in
     styles = {pretrain_example(i, styles=("plain", "ink", "sepia")).scene.style for i in range(60)}
     assert styles == {"plain", "ink", "sepia"}
 

@@ -150,21 +150,21 @@ DATASET_SEED = 1_000_000
 
 
 def dataset_captions(n: int, artists: bool = False, seed_offset: int = DATASET_SEED,
-                     styles: tuple[str, ...] = PRETRAIN_STYLES) -> list[str]:
+                     styles: tuple[str, ...] = PRETRAIN_STYLES, ceiling: bool = False) -> list[str]:
     """The captions of the first ``n`` pretraining examples (cheap: nothing is rendered), so a
     latent cache can be reused with other captions of the same images."""
-    return [pretrain_example(seed_offset + i, artists, styles).caption for i in range(n)]
+    return [pretrain_example(seed_offset + i, artists, styles, ceiling).caption for i in range(n)]
 
 
 @torch.no_grad()
 def encode_dataset(vae: AutoencoderKL, n: int, seed_offset: int = DATASET_SEED, batch: int = 128,
-                   styles: tuple[str, ...] = PRETRAIN_STYLES):
+                   styles: tuple[str, ...] = PRETRAIN_STYLES, ceiling: bool = False):
     """Latent means (unscaled) and captions of ``n`` pretraining examples."""
     latents, captions = [], []
     with progress_bar("encoding", n) as bar:
         for start in range(0, n, batch):
             seeds = list(range(seed_offset + start, seed_offset + min(n, start + batch)))
-            x, caps, _ = render_batch(seeds, styles)
+            x, caps, _ = render_batch(seeds, styles, ceiling)
             latents.append(vae.encode(torch.from_numpy(x)).latent_dist.mean)
             captions += caps
             if bar:
