@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from PIL import Image
 
 from style_dreambooth.models.backbones import SD1, PromptEncoder
 from style_dreambooth.toyworld import experiment
@@ -122,7 +121,7 @@ def _perturbed(z: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor
 def latents(args) -> None:
     """Render the held-out subjects in all colours in each style, encode them with the base's VAE, perturb
     the latents, decode, and judge the colour: which palettes survive a generator's latent error."""
-    from style_dreambooth.toyworld.data import to_array
+    from style_dreambooth.toyworld.data import to_array, to_images
     from style_dreambooth.toyworld.render import COLOUR_NAMES, random_scene
     from style_dreambooth.toyworld.styles import apply_style
 
@@ -135,8 +134,7 @@ def latents(args) -> None:
             z = vae.encode(pixels).latent_dist.mean
             accs = []
             for zz in _perturbed(z, torch.Generator().manual_seed(0)):
-                out = ((vae.decode(zz).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-                verdicts = judges.judge([Image.fromarray(a) for a in out])
+                verdicts = judges.judge(to_images(vae.decode(zz).sample))
                 accs.append(sum(v.colour == c for v, (_, c, _) in zip(verdicts, cells)) / len(cells))
         print(f"| {style} | " + " | ".join(f"{a:.2f}" for a in accs) + " |", flush=True)
 

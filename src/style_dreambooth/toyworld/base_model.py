@@ -26,6 +26,7 @@ from ..models.random_model import BOS_TOKEN_ID, EOS_TOKEN_ID, scheduler_config
 from ..models.tokenizer import VOCAB_SIZE, build_clip_tokenizer, write_vocab_files
 from ..progress import progress_bar
 from ..training.loss import min_snr_weights
+from ..training.noise import training_noise
 from .data import pretrain_example, render_batch
 from .styles import PRETRAIN_STYLES
 
@@ -227,9 +228,7 @@ def train_diffusion(
         for step in range(steps):
             idx = torch.randint(0, len(latents), (batch,), generator=g)
             x0 = latents[idx]
-            noise = torch.randn(x0.shape, generator=g)
-            if offset_noise:
-                noise = noise + offset_noise * torch.randn((batch, x0.shape[1], 1, 1), generator=g)
+            noise = training_noise(x0, g, offset_noise)
             t = torch.randint(0, 1000, (batch,), generator=g)
             noisy = noise_sched.add_noise(x0, noise, t)
             hidden = text_encoder(ids[idx])[0]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..progress import progress_bar
+from ..training.noise import training_noise
 from . import assets_dir, base_model_dir
 from .base_model import optimizer_step
 from .data import to_array
@@ -138,8 +139,7 @@ def train_controlnet(out: Path, *, steps: int = 3000, n_pairs: int = 6000, batch
         for step in range(steps):
             idx = torch.randint(0, len(latents), (batch,), generator=g)
             x0 = latents[idx]
-            noise = torch.randn(x0.shape, generator=g)
-            noise = noise + offset_noise * torch.randn((batch, x0.shape[1], 1, 1), generator=g)
+            noise = training_noise(x0, g, offset_noise)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
             noisy = noise_sched.add_noise(x0, noise, t)
             down, mid = net(noisy, t, hidden[idx], controlnet_cond=cond_t[idx], return_dict=False)

@@ -88,6 +88,12 @@ def to_array(images: list[Image.Image]) -> np.ndarray:
     return arr.transpose(0, 3, 1, 2) / 127.5 - 1.0
 
 
+def to_images(arr) -> list[Image.Image]:
+    """The inverse of ``to_array``: (N, 3, H, W) in [-1, 1] (clipped), an array or CPU tensor, to RGB images."""
+    pixels = ((np.clip(np.asarray(arr, np.float32), -1, 1).transpose(0, 2, 3, 1) + 1) * 127.5).round()
+    return [Image.fromarray(a) for a in pixels.astype(np.uint8)]
+
+
 def render_batch(seeds: list[int], styles: tuple[str, ...] = PRETRAIN_STYLES, ceiling: bool = False
                  ) -> tuple[np.ndarray, list[str], list[Example]]:
     examples = [pretrain_example(s, styles=styles, ceiling=ceiling) for s in seeds]

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from ..progress import progress_bar
 from . import assets_dir
-from .data import to_array
+from .data import to_array, to_images
 from .render import COLOUR_NAMES, SUBJECTS, random_scene
 from .styles import STYLES, apply_style
 
@@ -163,9 +163,7 @@ def _vae_roundtrip(vae, images: list[Image.Image], batch: int = 64) -> list[Imag
     out = []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(to_array(images[start : start + batch]))
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        arr = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
-        out += [Image.fromarray(a) for a in arr]
+        out += to_images(vae.decode(vae.encode(x).latent_dist.mean).sample)
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
+from .data import to_array, to_images
 from .evaluate import subject_prompt
 from ..evaluation.memorisation import COPY_THRESHOLD, nearest_instance
 from .experiment import HELDOUT_COLOURS, HELDOUT_SUBJECTS, fresh_renders, instance_scenes
@@ -145,9 +146,8 @@ def calibrate_copy_threshold(n_fresh: int = 200, seed: int = 0, threshold: float
     instances = [apply_style(s) for s in instance_scenes(5, seed)]
     fresh = [sim for _, sim in nearest_instance(fresh_renders(n_fresh, seed), instances)]
     vae = AutoencoderKL.from_pretrained(base_model_dir() / "vae", dtype=torch.float32).eval()
-    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in instances]).transpose(0, 3, 1, 2) / 127.5 - 1)
-    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    round_trip = [Image.fromarray(((a.numpy().transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)) for a in y]
+    x = torch.from_numpy(to_array(instances))
+    round_trip = to_images(vae.decode(vae.encode(x).latent_dist.mean).sample)
     rng = np.random.default_rng(seed)
 
     def noisy(im: Image.Image) -> Image.Image:

@@ -44,11 +44,11 @@ from .checkpoints import (
 )
 from .class_images import class_image_examples
 from .ema import WeightAverage
-from .noise import training_noise
 from .inputs import (  # noqa: F401 - check_resume_config is part of this module's interface
     absolute_paths, check_prompt_lengths, check_resume_config, generated_class_prompts, resolve_class_prompt,
     resolve_family, resolve_mixed_precision, trained_timesteps,
 )
+from .noise import training_noise
 from .loss import diffusion_target, dreambooth_loss
 from .memory import check_fits_in_memory
 from .optim import make_lr_scheduler, make_optimizer
