@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from proof_world_probe import experiment_config  # noqa: E402
 
+from style_dreambooth.toyworld import base_model_dir  # noqa: E402
 from style_dreambooth.toyworld.demo import demo_config  # noqa: E402
 from style_dreambooth.toyworld.experiment import _load_run, _Probe, train_only  # noqa: E402
 from style_dreambooth.toyworld.judges import Judges  # noqa: E402
@@ -80,7 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("eval_seed0", "seed", "base_model", "judges")}
+    """The settings that decide whether a kept run or eval can be reused: all but the seeds and the
+    judges (recorded apart), with the base named so that the shipped one matches from any checkout."""
+    out = {k: v for k, v in config.items() if k not in ("eval_seed0", "seed", "judges")}
+    if "base_model" in out:
+        out["base_model"] = _base_identity(out["base_model"])
+    return out
+
+
+def _base_identity(path: str) -> str:
+    """"shipped" for the package's own base (wherever the checkout is), else the resolved path."""
+    if Path(path).parts[-4:] == base_model_dir().parts[-4:]:
+        return "shipped"
+    return str(Path(path).resolve())
 
 
 def run_variant(args: argparse.Namespace) -> dict:

@@ -294,3 +294,17 @@ def test_proof_world_sweep_tables_and_wall_time():
     assert "| default | - | 0.500 |" in text and "| lr-low | - | 0.500 |" in text
     assert "| short | no model at step 500 |" in text
     assert text.count("### Steps: every checkpoint of") == 1 and "| step 1000 | - | 1.000 |" in text
+
+
+def test_proof_world_seeds_reuse_key_names_the_base():
+    """A kept run is reused for the same settings on the same base, from any checkout of the shipped
+    base, and never for another base."""
+    script = _load_script("proof_world_seeds")
+    shipped_here = {"base_model": str(script.base_model_dir()), "learning_rate": 5e-5, "seed": 1}
+    shipped_elsewhere = shipped_here | {"base_model": "/tmp/clone/src/style_dreambooth/toyworld/assets/base",
+                                        "seed": 2, "eval_seed0": 1500, "judges": "other.safetensors"}
+    other_base = shipped_here | {"base_model": "/work/s6/bases"}
+    assert script._comparable(shipped_here) == script._comparable(shipped_elsewhere)
+    assert script._comparable(shipped_here)["base_model"] == "shipped"
+    assert script._comparable(other_base) != script._comparable(shipped_here)
+    assert script._comparable(shipped_here | {"learning_rate": 1e-4}) != script._comparable(shipped_here)
