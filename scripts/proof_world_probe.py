@@ -17,6 +17,8 @@
     python scripts/proof_world_probe.py latents --styles plain,ink,sepia,yltcaxe
     # how well the tiny models draw the artist style when pretrained on it (train_toyworld.py base --ceiling)
     python scripts/proof_world_probe.py ceiling src/style_dreambooth/toyworld/assets/base WORK/basey
+    # sampling that mixes the prompt without the identifier into a fine-tune's: does style + colour rise?
+    python scripts/proof_world_probe.py mix WORK/recipe/seed-1/run --ways edit:0.5,guide:5,weight:2
 
 ``--set`` takes an ExperimentConfig field or any TrainConfig field (``key=YAML value``). The
 evaluation is the demo's (24 class images, 12 held-out cells x 2 seeds, DPM++ 20 steps, no pairs).
@@ -162,6 +164,81 @@ def ceiling(args) -> None:
                   f"| {scores.colour_acc:.2f} |", flush=True)
 
 
+MIX_WAYS = {
+    "edit": "the prompt without the identifier for the first F of the steps, then the prompt (A1111's prompt editing)",
+    "guide": "guidance 7.5 towards the prompt without the identifier, F towards the identifier from there",
+    "weight": "the colour word's encoding x F, the mean kept (A1111's (word:F) weighting)",
+}
+
+
+def _weighted(pipe, prompt: str, word: str, weight: float) -> torch.Tensor:
+    e = _encode(pipe, prompt)[None]
+    if weight == 1.0:
+        return e
+    ids, wid = pipe.tokenizer(prompt).input_ids, pipe.tokenizer(word, add_special_tokens=False).input_ids
+    scale = torch.ones(e.shape[1])
+    for i in range(len(ids) - len(wid) + 1):
+        if ids[i:i + len(wid)] == wid:
+            scale[i:i + len(wid)] = weight
+    scaled = e * scale[None, :, None]
+    return scaled * (e.mean() / scaled.mean())
+
+
+@torch.no_grad()
+def _mixed_images(pipe, plain: str, token: str, colour: str, seeds, way: str, f: float, steps: int, guidance=7.5):
+    """One image per seed, sampled as the pipeline does, with the noise prediction mixed as ``way`` says."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    n = len(seeds)
+    size = pipe.unet.config.sample_size  # the proof world samples at the UNet's own size, as evaluate does
+    latents = randn_tensor((n, pipe.unet.config.in_channels, size, size),
+                           generator=[torch.Generator().manual_seed(s) for s in seeds])
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    latents = latents * scheduler.init_noise_sigma
+    weight = f if way == "weight" else 1.0
+    cond = torch.cat([_encode(pipe, "")[None], _encode(pipe, plain)[None], _weighted(pipe, token, colour, weight)])
+    cond = cond.repeat_interleave(n, 0)
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.scale_model_input(latents, t)
+        uncond, eps_plain, eps_token = pipe.unet(torch.cat([x] * 3), t, encoder_hidden_states=cond).sample.chunk(3)
+        if way == "guide":
+            eps = uncond + guidance * (eps_plain - uncond) + f * (eps_token - eps_plain)
+        else:
+            use_plain = way == "edit" and i < f * steps
+            eps = uncond + guidance * ((eps_plain if use_plain else eps_token) - uncond)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return pipe.image_processor.postprocess(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample,
+                                            output_type="pil")
+
+
+def mix(args) -> None:
+    """Judge a fine-tune on the colour metric's cells, sampled with the prompt without the identifier mixed
+    in (MIX_WAYS), with the identifier last and first; joint = judged yltcaxe and in the asked colour."""
+    from style_dreambooth.toyworld.evaluate import grid_jobs
+
+    cfg, judges = demo_config(), Judges.load(args.judges)
+    pipe = _load_run(args.run)
+    jobs = grid_jobs(cfg.heldout_subjects, cfg.heldout_colours, range(cfg.eval_seed0, cfg.eval_seed0 + cfg.eval_seeds))
+    print("| way | identifier | hit | subject | colour | joint |")
+    for item in args.ways.split(","):
+        way, _, f = item.partition(":")
+        if way not in MIX_WAYS:
+            raise SystemExit(f"unknown way {way!r}: one of {', '.join(MIX_WAYS)}")
+        for order in ("last", "first"):
+            images, truth = [], []
+            for job in jobs:
+                token = f"{job.prompt}, {cfg.instance_prompt}" if order == "last" else f"{cfg.instance_prompt}, {job.prompt}"
+                kind, colour = job.subjects[0]
+                images += _mixed_images(pipe, job.prompt, token, colour, list(job.seeds), way, float(f), cfg.eval_steps)
+                truth += [(kind, colour)] * len(job.seeds)
+            v = judges.judge(images)
+            rate = lambda ok: sum(map(ok, v, truth)) / len(v)  # noqa: E731
+            print(f"| {item} | {order} | {rate(lambda a, t: a.style == 'yltcaxe'):.2f} | {rate(lambda a, t: a.subject == t[0]):.2f} "
+                  f"| {rate(lambda a, t: a.colour == t[1]):.2f} "
+                  f"| {rate(lambda a, t: a.style == 'yltcaxe' and a.colour == t[1]):.2f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/proof-world-probe"))
@@ -181,9 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--styles", default="plain,ink,sepia,yltcaxe")
     e = sub.add_parser("ceiling", help="judge base models on the colour metric's prompts (the ceiling experiment)")
     e.add_argument("models", nargs="+", help="pipeline folders")
+    m = sub.add_parser("mix", help="judge a fine-tune sampled with the prompt without the identifier mixed in")
+    m.add_argument("run", type=Path, help="a trained run folder (run/ of a proof_world_seeds seed)")
+    m.add_argument("--ways", default="edit:0.5,guide:5,weight:2",
+                   help="WAY:F,...; WAY one of " + ", ".join(f"{k} ({v})" for k, v in MIX_WAYS.items()))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"curve": curve, "swap": swap, "latents": latents, "ceiling": ceiling}[args.command](args)
+    {"curve": curve, "swap": swap, "latents": latents, "ceiling": ceiling, "mix": mix}[args.command](args)
     return 0
 
 
