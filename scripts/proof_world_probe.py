@@ -185,9 +185,12 @@ def _weighted(pipe, prompt: str, word: str, weight: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _mixed_images(pipe, plain: str, token: str, colour: str, seeds, way: str, f: float, steps: int, guidance=7.5):
-    """One image per seed, sampled as the pipeline does, with the noise prediction mixed as ``way`` says."""
+def _mixed_images(pipe, plain: str, token: str, colour: str, seeds, way: str, f: float, steps: int):
+    """One image per seed, sampled as the pipeline does at the evaluation's guidance, with the noise
+    prediction mixed as ``way`` says."""
     from diffusers.utils.torch_utils import randn_tensor
+
+    from style_dreambooth.toyworld.evaluate import GUIDANCE as guidance
 
     n = len(seeds)
     size = pipe.unet.config.sample_size  # the proof world samples at the UNet's own size, as evaluate does
