@@ -1,7 +1,7 @@
 """The training noise: plain Gaussian by default, with offset and multi-resolution parts on request."""
 import torch
 
-from style_dreambooth.training.noise import training_noise
+from style_dreambooth.training.noise import perturbed, training_noise
 
 
 def _noise(seed=0, shape=(8, 4, 16, 16), **options):
@@ -38,3 +38,13 @@ def test_multires_levels_stop_at_one_latent_pixel():
     """More levels than the latent has halvings change nothing: the last level is a whole-image value."""
     assert torch.equal(_noise(seed=4, shape=(2, 4, 8, 8), multires_iterations=3),
                        _noise(seed=4, shape=(2, 4, 8, 8), multires_iterations=12))
+
+
+def test_input_perturbation_adds_a_second_draw_of_the_asked_size_and_nothing_at_zero():
+    noise = _noise(seed=5)
+    gen = torch.Generator().manual_seed(9)
+    assert perturbed(noise, gen, 0.0) is noise
+    assert torch.equal(torch.randn(3, generator=gen), torch.randn(3, generator=torch.Generator().manual_seed(9)))
+    extra = perturbed(noise, torch.Generator().manual_seed(9), 0.1) - noise
+    assert abs(extra.std().item() - 0.1) < 0.005  # G times a unit Gaussian
+    assert abs(torch.corrcoef(torch.stack([extra.flatten(), noise.flatten()]))[0, 1].item()) < 0.05

@@ -258,7 +258,7 @@ def test_token_and_random_model_commands(tmp_path, capsys):
 
 
 def test_training_options_bf16_vpred_snr_offset_checkpointing(tmp_path, instance_dir, cache_env, capsys):
-    """v-prediction + bf16 + min-SNR + offset and multi-resolution noise + gradient checkpointing run
+    """v-prediction + bf16 + min-SNR + offset and multi-resolution noise + input perturbation + gradient checkpointing run
     through the loop, and the frozen VAE and text encoder are saved bit-identical to the base (not rounded to bf16)."""
     from safetensors.torch import load_file
 
@@ -268,6 +268,7 @@ def test_training_options_bf16_vpred_snr_offset_checkpointing(tmp_path, instance
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, *train_args(model, instance_dir, run, "--mixed-precision", "bf16",
                                                "--snr-gamma", "5", "--offset-noise", "0.1", "--multires-noise-iterations", "3",
+                                               "--ip-noise-gamma", "0.1",
                                                "--gradient-checkpointing", "--no-train-text-encoder",
                                                "--max-train-steps", "2"))
     assert code == 0, err

@@ -173,6 +173,12 @@ class TrainConfig(BaseModel):
     multires_noise_discount: float = Field(
         0.3, gt=0.0, le=1.0, description="Weight of each coarser multi-resolution noise level (0.1-0.4 is common).",
     )
+    ip_noise_gamma: float = Field(
+        0.0, ge=0.0,
+        description="Input perturbation (kohya's --ip_noise_gamma, diffusers' --input_perturbation; 0.1 is common): the "
+        "noisy latents get this much extra Gaussian noise that the target does not ask back, so the model learns to "
+        "correct inputs as imprecise as its own samples are at sampling time.",
+    )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")

@@ -48,7 +48,7 @@ from .inputs import (  # noqa: F401 - check_resume_config is part of this module
     absolute_paths, check_prompt_lengths, check_resume_config, generated_class_prompts, resolve_class_prompt,
     resolve_family, resolve_mixed_precision, trained_timesteps,
 )
-from .noise import training_noise
+from .noise import perturbed, training_noise
 from .loss import diffusion_target, dreambooth_loss
 from .memory import check_fits_in_memory
 from .optim import make_lr_scheduler, make_optimizer
@@ -496,7 +496,7 @@ def micro_step(setup: Setup, models: Models, optimisation: Optimisation, batch, 
         noise = training_noise(latents, gen, cfg.offset_noise, cfg.multires_noise_iterations,
                                cfg.multires_noise_discount)
         timesteps = torch.randint(*models.timestep_range, (latents.shape[0],), generator=gen, device=latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy = scheduler.add_noise(latents, perturbed(noise, gen, cfg.ip_noise_gamma), timesteps)
         with accelerator.autocast():
             embeds = models.encode_prompts(models.current_text_encoders(), batch.prompts)
             pred = models.backbone.denoise(unet_step, noisy, timesteps, embeds, batch.sizes())

@@ -7,6 +7,9 @@
   ``--multires-noise-discount`` to the power of its depth, and rescales the sum to unit variance per
   image. Coarse noise hides what fine noise leaves readable (a shape's colour, a region's tone), so
   the loss asks the model to restore those too, not only the texture.
+* ``--ip-noise-gamma G`` (input perturbation, Ning et al. 2023) noises the latents with ``noise`` plus
+  G times a second draw, while the target stays ``noise``: training inputs then err as a sampler's
+  own inputs do, and the model learns to pull them back (less exposure bias).
 """
 from __future__ import annotations
 
@@ -23,6 +26,14 @@ def training_noise(latents: torch.Tensor, generator: torch.Generator, offset: fl
     if multires_iterations:
         noise = _add_coarse_levels(noise, generator, multires_iterations, multires_discount)
     return noise
+
+
+def perturbed(noise: torch.Tensor, generator: torch.Generator, gamma: float) -> torch.Tensor:
+    """The noise that goes into the noisy latents under input perturbation; ``noise`` itself when
+    ``gamma`` is 0, with nothing drawn, so runs without it reproduce bit for bit."""
+    if not gamma:
+        return noise
+    return noise + gamma * torch.randn(noise.shape, generator=generator, device=noise.device)
 
 
 def _draw(like: torch.Tensor, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
