@@ -532,6 +532,39 @@ def test_timestep_range_limits_the_noise_levels_trained(tmp_path, tiny_model, in
         assert not (tmp_path / "b").exists()
 
 
+def test_ip_noise_gamma_perturbs_the_input_noise_and_not_the_target(tmp_path, tiny_model, instance_dir, cache_env,
+                                                                     capsys, monkeypatch):
+    """Input perturbation: the noisy latents use noise + G x a fresh draw, the loss target the plain noise."""
+    from diffusers import DDPMScheduler
+
+    import style_dreambooth.training.loop as loop
+
+    inputs, targets = [], []
+    add_noise, target = DDPMScheduler.add_noise, loop.diffusion_target
+
+    def recording_add_noise(self, latents, noise, timesteps):
+        inputs.append(noise.detach().clone())
+        return add_noise(self, latents, noise, timesteps)
+
+    def recording_target(pred_type, latents, noise, *rest):
+        targets.append(noise.detach().clone())
+        return target(pred_type, latents, noise, *rest)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording_add_noise)
+    monkeypatch.setattr(loop, "diffusion_target", recording_target)
+    for name, flags in (("plain", ()), ("ip", ("--ip-noise-gamma", "0.1"))):
+        inputs.clear(), targets.clear()
+        code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / name, "--max-train-steps", "3",
+                                                   *flags))
+        assert code == 0, err
+        assert len(inputs) == len(targets) == 3
+        extra = torch.cat([(i - t).flatten() for i, t in zip(inputs, targets)])
+        if name == "plain":
+            assert torch.equal(extra, torch.zeros_like(extra))
+        else:
+            assert 0.07 < extra.std().item() < 0.13, extra.std()
+
+
 def test_text_encoder_scope_identifier_trains_only_its_embedding_rows(tmp_path, tiny_model, instance_dir, cache_env,
                                                                        capsys):
     from transformers import CLIPTextModel, CLIPTokenizer

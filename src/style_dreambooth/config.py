@@ -176,8 +176,8 @@ class TrainConfig(BaseModel):
     ip_noise_gamma: float = Field(
         0.0, ge=0.0,
         description="Input perturbation (kohya's --ip_noise_gamma, diffusers' --input_perturbation; 0.1 is common): the "
-        "noisy latents get this much extra Gaussian noise that the target does not ask back, so the model learns to "
-        "correct inputs as imprecise as its own samples are at sampling time.",
+        "latents are noised with the noise plus this times a fresh Gaussian draw, while the target stays the plain "
+        "noise, so training inputs carry some of the error a sampler's own inputs do (against exposure bias).",
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
