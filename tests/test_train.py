@@ -553,7 +553,8 @@ def test_ip_noise_gamma_perturbs_the_input_noise_and_not_the_target(tmp_path, ti
     monkeypatch.setattr(DDPMScheduler, "add_noise", recording_add_noise)
     monkeypatch.setattr(loop, "diffusion_target", recording_target)
     for name, flags in (("plain", ()), ("ip", ("--ip-noise-gamma", "0.1"))):
-        inputs.clear(), targets.clear()
+        inputs.clear()
+        targets.clear()
         code, _, err = run_cli(capsys, *train_args(tiny_model, instance_dir, tmp_path / name, "--max-train-steps", "3",
                                                    *flags))
         assert code == 0, err

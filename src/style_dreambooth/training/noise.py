@@ -8,8 +8,8 @@
   image. Coarse noise hides what fine noise leaves readable (a shape's colour, a region's tone), so
   the loss asks the model to restore those too, not only the texture.
 * ``--ip-noise-gamma G`` (input perturbation, Ning et al. 2023) noises the latents with ``noise`` plus
-  G times a second draw, while the target stays ``noise``: training inputs then err as a sampler's
-  own inputs do, and the model learns to pull them back (less exposure bias).
+  G times a second draw, while the target stays ``noise``: training inputs then carry some of the
+  error a sampler's own inputs do (against exposure bias).
 """
 from __future__ import annotations
 
