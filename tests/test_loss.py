@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from style_dreambooth.training.loss import diffusion_target, dreambooth_loss, min_snr_weights
+from style_dreambooth.models.backbones.objectives import diffusion_target, min_snr_weights
+from style_dreambooth.training.loss import dreambooth_loss
 
 # A small fixed schedule: alpha_bar for timesteps 0..3.
 ALPHAS = torch.tensor([0.9, 0.5, 0.2, 0.05])
@@ -22,7 +23,7 @@ def _fixed():
 def test_prior_loss_matches_hand_computation():
     pred, target, t = _fixed()
     # per-sample MSE: (1+4)/2=2.5, (1+1)/2=1.0, (4+0)/2=2.0, (0+4)/2=2.0
-    parts = dreambooth_loss(pred, target, t, ALPHAS, n_instance=2, prior_loss_weight=0.5)
+    parts = dreambooth_loss(pred, target, n_instance=2, prior_loss_weight=0.5)
     assert parts.instance.item() == pytest.approx((2.5 + 1.0) / 2)
     assert parts.prior.item() == pytest.approx((2.0 + 2.0) / 2)
     assert parts.total.item() == pytest.approx(1.75 + 0.5 * 2.0)
@@ -30,7 +31,7 @@ def test_prior_loss_matches_hand_computation():
 
 def test_without_class_half_prior_is_none():
     pred, target, t = _fixed()
-    parts = dreambooth_loss(pred[:2], target[:2], t[:2], ALPHAS, n_instance=2, prior_loss_weight=1.0)
+    parts = dreambooth_loss(pred[:2], target[:2], n_instance=2, prior_loss_weight=1.0)
     assert parts.prior is None
     assert parts.total.item() == pytest.approx(1.75)
 
@@ -47,9 +48,8 @@ def test_min_snr_uses_each_samples_own_timestep(prediction_type):
     mse = [2.5, 1.0, 2.0, 2.0]
     inst = (mse[0] * w[t[0]] + mse[1] * w[t[1]]) / 2
     prior = (mse[2] * w[t[2]] + mse[3] * w[t[3]]) / 2
-    parts = dreambooth_loss(
-        pred, target, t, ALPHAS, n_instance=2, prior_loss_weight=1.0, snr_gamma=gamma, prediction_type=prediction_type
-    )
+    weights = min_snr_weights(t, ALPHAS, gamma, prediction_type)
+    parts = dreambooth_loss(pred, target, n_instance=2, prior_loss_weight=1.0, weights=weights)
     assert parts.instance.item() == pytest.approx(inst, rel=1e-6)
     assert parts.prior.item() == pytest.approx(prior, rel=1e-6)
     assert parts.total.item() == pytest.approx(inst + prior, rel=1e-6)

@@ -535,23 +535,21 @@ def test_timestep_range_limits_the_noise_levels_trained(tmp_path, tiny_model, in
 def test_ip_noise_gamma_perturbs_the_input_noise_and_not_the_target(tmp_path, tiny_model, instance_dir, cache_env,
                                                                      capsys, monkeypatch):
     """Input perturbation: the noisy latents use noise + G x a fresh draw, the loss target the plain noise."""
-    from diffusers import DDPMScheduler
-
-    import style_dreambooth.training.loop as loop
+    from style_dreambooth.models.backbones.objectives import DDPMObjective
 
     inputs, targets = [], []
-    add_noise, target = DDPMScheduler.add_noise, loop.diffusion_target
+    noisy, target = DDPMObjective.noisy, DDPMObjective.target
 
-    def recording_add_noise(self, latents, noise, timesteps):
+    def recording_noisy(self, latents, noise, timesteps):
         inputs.append(noise.detach().clone())
-        return add_noise(self, latents, noise, timesteps)
+        return noisy(self, latents, noise, timesteps)
 
-    def recording_target(pred_type, latents, noise, *rest):
+    def recording_target(self, latents, noise, timesteps):
         targets.append(noise.detach().clone())
-        return target(pred_type, latents, noise, *rest)
+        return target(self, latents, noise, timesteps)
 
-    monkeypatch.setattr(DDPMScheduler, "add_noise", recording_add_noise)
-    monkeypatch.setattr(loop, "diffusion_target", recording_target)
+    monkeypatch.setattr(DDPMObjective, "noisy", recording_noisy)
+    monkeypatch.setattr(DDPMObjective, "target", recording_target)
     for name, flags in (("plain", ()), ("ip", ("--ip-noise-gamma", "0.1"))):
         inputs.clear()
         targets.clear()

@@ -105,7 +105,8 @@ def test_form_has_every_config_field_with_its_default_and_help():
     assert fields["learning_rate"].help == TrainConfig.model_fields["learning_rate"].description
     assert fields["method"].choices == ("full", "lora")
     assert fields["mixed_precision"].choices == ("", "no", "fp16", "bf16")
-    assert fields["lora_targets"].kind == "list" and "to_q" in fields["lora_targets"].default
+    assert fields["lora_targets"].kind == "list" and fields["lora_targets"].default == ""  # blank: the family's
+    assert "to_q" in fields["lora_targets"].help
     assert fields["instance_prompt"].required
 
 

@@ -127,9 +127,12 @@ def train(config_file: Path | None, **flags: Any) -> None:
 @click.option("--negative-prompt", default="", help="What to avoid.")
 @click.option("-n", "--num-images", "n", default=4, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--steps", default=25, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--guidance", default=7.5, show_default=True, type=click.FloatRange(0, 100))
+@click.option("--guidance", default=None, type=click.FloatRange(0, 100),
+              help="Classifier-free guidance scale [default: 7.5]. FLUX.1-dev: the distilled guidance the transformer "
+              "is conditioned on [default: 3.5]; FLUX.1-schnell takes none.")
 @click.option(
-    "--scheduler", default="dpm++", show_default=True, type=click.Choice(["dpm++", "ddim", "euler-a", "pndm"])
+    "--scheduler", default=None, type=click.Choice(["dpm++", "ddim", "euler-a", "pndm", "flow-euler"]),
+    help="Sampler [default: dpm++; flow-euler for flow-matching families (FLUX.1), the only one they take].",
 )
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED))
 @click.option("--width", type=click.IntRange(8, 4096), default=None, help="Default: the model's native size.")

@@ -20,9 +20,6 @@ from .errors import UserError
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MAX_SEED = 2**32 - 1  # as in A1111 and diffusers' scripts; seed + i must still fit torch's 64-bit seeds
 
-# LoRA on the attention projections of the UNet (to_*) and the CLIP text encoder (*_proj).
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
-
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
@@ -48,8 +45,8 @@ class TrainConfig(BaseModel):
         None, description="Diffusers folder or hub id whose config a single-file base model uses."
     )
     allow_pickle: bool = Field(False, description="Allow loading pickle (.ckpt/.bin) base models.")
-    backbone: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
-        "auto", description="Model family: auto (read from the model's files), sd1, sd2 or sdxl."
+    backbone: Literal["auto", "sd1", "sd2", "sdxl", "flux"] = Field(
+        "auto", description="Model family: auto (read from the model's files), sd1, sd2, sdxl or flux (FLUX.1)."
     )
     vae: str | None = Field(
         None, description="A replacement VAE (diffusers folder or hub id), e.g. SDXL's fp16-fixed VAE; "
@@ -96,7 +93,10 @@ class TrainConfig(BaseModel):
     num_class_images: int = Field(50, ge=1, description="Number of class images.")
     sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
     class_inference_steps: int = Field(25, ge=1, description="Sampler steps per generated class image.")
-    class_guidance_scale: float = Field(7.5, ge=0.0, description="CFG scale for generated class images.")
+    class_guidance_scale: float | None = Field(
+        None, ge=0.0, description="CFG scale for generated class images; default: the family's (7.5; FLUX.1-dev's "
+        "distilled guidance 3.5, none for schnell).",
+    )
 
     # Training
     method: Literal["full", "lora"] = Field("full", description="Fine-tune all weights (full) or train a LoRA.")
@@ -104,8 +104,10 @@ class TrainConfig(BaseModel):
     lora_alpha: float | None = Field(None, gt=0.0, description="LoRA alpha (scale = alpha / rank); default: the rank.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
     lora_targets: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-        description="Module names that get LoRA layers (comma-separated or repeated).",
+        default_factory=list,
+        description="Module names that get LoRA layers (comma-separated or repeated); default: the family's "
+        "attention projections, to_q,to_k,to_v,to_out.0 (UNet) and q_proj,k_proj,v_proj,out_proj (CLIP), and "
+        "for FLUX.1 also add_q_proj,add_k_proj,add_v_proj,to_add_out, the feed-forward layers and proj_mlp.",
     )
     unet_layer_filter: list[str] = Field(
         default_factory=list,
@@ -179,6 +181,32 @@ class TrainConfig(BaseModel):
         "latents are noised with the noise plus this times a fresh Gaussian draw, while the target stays the plain "
         "noise, so training inputs carry some of the error a sampler's own inputs do (against exposure bias).",
     )
+    timestep_sampling: Literal["uniform", "logit_normal", "mode", "logsnr"] | None = Field(
+        None,
+        description="Flow-matching families: how the noise level sigma is drawn: uniform, logit_normal (sigmoid of a "
+        "normal, --logit-mean/--logit-std), mode (SD3's, --mode-scale) or logsnr (the style-friendly sampler: log-SNR "
+        "from a normal with a negative mean, --logsnr-mean/--logsnr-std, biased to high noise); default: the "
+        "family's published recipe (FLUX.1: uniform).",
+    )
+    logit_mean: float = Field(0.0, description="Mean of the normal under --timestep-sampling logit_normal.")
+    logit_std: float = Field(1.0, gt=0.0, description="Standard deviation under --timestep-sampling logit_normal.")
+    mode_scale: float = Field(1.29, description="Scale of --timestep-sampling mode (SD3 paper's s).")
+    logsnr_mean: float = Field(-6.0, description="Mean log-SNR under --timestep-sampling logsnr (arXiv 2411.14793: -6).")
+    logsnr_std: float = Field(2.0, gt=0.0, description="Standard deviation of the log-SNR under --timestep-sampling logsnr.")
+    flow_shift: float | Literal["resolution"] | None = Field(
+        None,
+        description="Flow-matching families: shift sigma towards noise, s*sigma/(1+(s-1)*sigma) for a number s "
+        "(1: none), or 'resolution' for FLUX.1's shift that grows with the image's token count; default: the "
+        "family's (FLUX.1: none, as diffusers' script).",
+    )
+    weighting_scheme: Literal["none", "sigma_sqrt", "cosmap"] | None = Field(
+        None, description="Flow-matching families: per-sample loss weighting (SD3 paper); default: none.",
+    )
+    train_guidance: float | None = Field(
+        None, ge=0.0,
+        description="FLUX.1-dev: the distilled guidance value the transformer is conditioned on while training "
+        "(default 3.5, as diffusers' script); refused for models without a guidance embedding (schnell).",
+    )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
@@ -246,6 +274,13 @@ class TrainConfig(BaseModel):
     def _prompt_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the instance prompt must not be empty; name the style, e.g. 'yltcaxe artstyle'")
+        return value
+
+    @field_validator("flow_shift")
+    @classmethod
+    def _positive_shift(cls, value):
+        if isinstance(value, float) and value <= 0:
+            raise ValueError("must be a positive number (1: no shift) or 'resolution'")
         return value
 
     @field_validator("resolution")

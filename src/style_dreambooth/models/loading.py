@@ -182,8 +182,9 @@ def load_pipeline(
 def _agrees_with_its_unet(pipe, base_model: str):
     """A pipeline class chosen before the files could be read (an uncached hub id, a pickle) must fit the
     UNet that loaded: diffusers builds what it is asked for and drops components it has no place for."""
-    found = family_of_unet(pipe.unet.config)
-    if not found.owns_pipeline_class(type(pipe).__name__, dict(pipe.unet.config)):
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+    found = family_of_unet(denoiser.config)
+    if not found.owns_pipeline_class(type(pipe).__name__, dict(denoiser.config)):
         raise UserError(
             f"base model '{base_model}' holds a {found.title} UNet but was read as {type(pipe).__name__}; "
             f"pass --backbone {found.family}"

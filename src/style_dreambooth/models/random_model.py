@@ -4,7 +4,7 @@ Each family declares its shapes (models/backbones): the full architectures (``sd
 ``sdxl``: exact parameter counts, to check memory and speed on a GPU without downloading) and
 miniatures (``tiny``, ``sd2-tiny``, ``sdxl-tiny``: the same structure shrunk so that a training
 step of a batch of two 64 px images takes a fraction of a second on a CPU). All use the real CLIP
-tokenizer and SD's noise schedule.
+tokenizer and their family's noise schedule (FLUX.1's shapes an offline T5 tokenizer, t5_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def build_random_pipeline(shape: Shape, seed: int = 0, prediction_type: str = "e
             module.eval()
     import diffusers
 
-    # Each family's releases ship with their own scheduler class; every one reads SD's config.
-    scheduler = getattr(diffusers, family.scheduler_class_name).from_config(scheduler_config(prediction_type))
+    # Each family's releases ship with their own scheduler class; the UNet families' read SD's config.
+    config = family.random_scheduler_config(prediction_type) or scheduler_config(prediction_type)
+    scheduler = getattr(diffusers, family.scheduler_class_name).from_config(config)
     pipeline_class = family.pipeline_class()
     extra = {}
     if "safety_checker" in pipeline_class._optional_components:
@@ -120,9 +121,9 @@ def save_random_model(
     try:
         pipe = build_random_pipeline(shape, seed=seed, prediction_type=prediction_type)
         pipe.save_pretrained(tmp_dir, safe_serialization=True)
-        # transformers 5 saves only tokenizer.json; add the classic files for older readers.
-        for name in pipe.components:
-            if name.startswith("tokenizer"):
+        # transformers 5 saves only tokenizer.json; add the classic files for older readers of CLIP's.
+        for name, part in pipe.components.items():
+            if name.startswith("tokenizer") and "CLIP" in type(part).__name__:
                 write_vocab_files(tmp_dir / name)
         give_usual_modes(tmp_dir)  # mkdtemp and safetensors make them private (0700, 0600)
         _move_into_place(tmp_dir, out_dir)

@@ -282,12 +282,18 @@ class CompositionPlan:
         from .control import controlnet_pipeline, load_controlnet
 
         conditioning = Conditioning()
+        family = backbone_of(pipe)
+        if self.layout and self.layout.regions and not family.has_regional_prompts:
+            raise UserError(f"--layout regions are not available for {family.family} ({family.title}) yet; "
+                            "use a layout without regions, or an SD 1.x, 2.x or SDXL model")
+        if self.controls and family.controlnet_pipeline_class_name is None:
+            raise UserError(f"--control is not available for {family.family} ({family.title}) yet; "
+                            "use an SD 1.x, 2.x or SDXL model for ControlNets")
         if self.layout and self.layout.regions:
             conditioning.region_prompts = [r.prompt for r in self.layout.regions]
             conditioning.masks = region_masks(self.layout, width, height)
             conditioning.base_weight = self.layout.base_weight
         if self.controls:
-            family = backbone_of(pipe)
             nets = [load_controlnet(model, pipe.unet, model_label, dtype, family) for _, model, _ in self.controls]
             pipe = controlnet_pipeline(pipe, nets)
             conditioning.control_images = self.images

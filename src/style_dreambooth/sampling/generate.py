@@ -60,7 +60,8 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
         base.load_lora_weights(str(folder / LORA_FILE), adapter_name="run")
         return base, label
     backbone = backbone_of(base)
-    unet = type(base.unet).from_pretrained(folder / "unet", dtype=dtype)
+    denoiser = backbone.denoiser(base)
+    unet = type(denoiser).from_pretrained(folder / backbone.denoiser_name, dtype=dtype)
     text_encoders = {name: type(module).from_pretrained(folder / name, dtype=dtype)
                      for name, module in backbone.text_encoders(base).items() if (folder / name).is_dir()}
     return backbone.assemble(base, unet, text_encoders), label
@@ -134,7 +135,7 @@ def sample(
     *,
     negative_prompt: str = "",
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     width: int | None = None,
     height: int | None = None,
     batch_size: int = 4,
@@ -142,11 +143,14 @@ def sample(
 ) -> list[Image.Image]:
     """One image per seed; each image depends only on its own seed, not on batching.
 
-    ``conditioning`` adds regional prompts and ControlNet images (see composition.py).
+    ``conditioning`` adds regional prompts and ControlNet images (see composition.py); ``guidance`` is the
+    family's default when not given (see :func:`sampling_guidance`).
     """
     device = pipe.device
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    backbone = backbone_of(pipe)
+    width = width or backbone.default_image_size(pipe)
+    height = height or backbone.default_image_size(pipe)
+    guidance = sampling_guidance(pipe, guidance)
     conditioning = conditioning or Conditioning()
     images: list[Image.Image] = []
     for start in range(0, len(seeds), batch_size):
@@ -160,6 +164,7 @@ def sample(
                 width=width,
                 height=height,
                 generator=gens,
+                **backbone.pipe_call_kwargs(pipe),
             )
         images.extend(out.images)
     return images
@@ -173,8 +178,8 @@ class GenerateRequest:
     negative_prompt: str = ""
     n: int = 4
     steps: int = 25
-    guidance: float = 7.5
-    scheduler: str = "dpm++"
+    guidance: float | None = None
+    scheduler: str | None = None
     seed: int = 0
     width: int | None = None
     height: int | None = None
@@ -189,10 +194,34 @@ class GenerateRequest:
     control_scale: tuple[float, ...] = ()
 
 
+def sampling_guidance(pipe, requested: float | None) -> float:
+    """The guidance scale to sample with: the one asked for, else the family's default. FLUX.1-dev reads it as
+    its distilled guidance; a model without a guidance embedding (FLUX.1-schnell) takes none."""
+    backbone = backbone_of(pipe)
+    denoiser_config = backbone.denoiser(pipe).config
+    if "guidance_embeds" in denoiser_config and not denoiser_config.guidance_embeds:
+        if requested is not None:
+            raise UserError(f"--guidance {requested:g}: this {backbone.title} model has no guidance embedding "
+                            "(schnell is not guidance-distilled); drop --guidance")
+        return 0.0
+    return backbone.default_guidance if requested is None else requested
+
+
+def sampling_scheduler(pipe, name: str | None) -> str:
+    """The sampler to use: the one asked for if the family's objective can be sampled with it, else the family's."""
+    backbone = backbone_of(pipe)
+    if name is None:
+        return backbone.samplers[0]
+    if name not in backbone.samplers:
+        raise UserError(f"--scheduler {name} does not sample {backbone.family} ({backbone.title}) models; "
+                        f"use {' or '.join(backbone.samplers)}")
+    return name
+
+
 def _check_request(req: GenerateRequest) -> None:
-    if not math.isfinite(req.guidance):
+    if req.guidance is not None and not math.isfinite(req.guidance):
         raise UserError(f"--guidance must be a finite number, not {req.guidance}")
-    if req.scheduler not in SCHEDULERS:
+    if req.scheduler is not None and req.scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{req.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
     for name, value in (("--width", req.width), ("--height", req.height)):
         if value is not None and (value < 8 or value % 8):
@@ -218,9 +247,16 @@ def generate(req: GenerateRequest) -> list[Path]:
     lora_labels = apply_loras(pipe, list(req.lora))
     if lora_labels:
         label += " + " + " + ".join(lora_labels)
-    pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
-    width = req.width or plan.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height = req.height or plan.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    scheduler = sampling_scheduler(pipe, req.scheduler)
+    guidance = sampling_guidance(pipe, req.guidance)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    backbone = backbone_of(pipe)
+    width = req.width or plan.width or backbone.default_image_size(pipe)
+    height = req.height or plan.height or backbone.default_image_size(pipe)
+    for name, side in (("--width", width), ("--height", height)):
+        if side % backbone.resolution_multiple:
+            raise UserError(f"{name} {side} is not a multiple of {backbone.resolution_multiple}, which "
+                            f"{backbone.title} needs (the VAE's downscale times its patch size)")
     pipe, conditioning = plan.prepare(pipe, width, height, label, dtype)
     pipe = pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -230,14 +266,14 @@ def generate(req: GenerateRequest) -> list[Path]:
             chunk = seeds[start : start + 4]
             images += sample(
                 pipe, plan.prompt, chunk, negative_prompt=plan.negative_prompt, steps=req.steps,
-                guidance=req.guidance, width=width, height=height, conditioning=conditioning,
+                guidance=guidance, width=width, height=height, conditioning=conditioning,
             )
             if bar:
                 bar.advance(0, len(chunk))
     make_output_dir(req.out, "--out")
     for s, path, image in zip(seeds, targets, images):
         params = GenerationParams(
-            plan.prompt, plan.negative_prompt, req.steps, req.scheduler, req.guidance, s,
+            plan.prompt, plan.negative_prompt, req.steps, scheduler, guidance, s,
             image.width, image.height, label, plan.record(),
         )
         save_png(image, path, params)

@@ -17,6 +17,8 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     "pndm": ("PNDMScheduler", {}, "PLMS"),
+    # flow-matching families (FLUX.1): Euler steps along the velocity, the schedule shifted as the model's config says
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
 }
 
 

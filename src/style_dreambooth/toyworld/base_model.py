@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ..models.random_model import BOS_TOKEN_ID, EOS_TOKEN_ID, scheduler_config
 from ..models.tokenizer import VOCAB_SIZE, build_clip_tokenizer, write_vocab_files
 from ..progress import progress_bar
-from ..training.loss import min_snr_weights
+from ..models.backbones.objectives import min_snr_weights
 from ..training.noise import training_noise
 from .data import pretrain_example, render_batch
 from .styles import PRETRAIN_STYLES

@@ -59,7 +59,7 @@ def checkpoint_method(folder: Path) -> str | None:
     """'lora' or 'full': which method wrote the checkpoint `folder` (None if neither's files are there)."""
     if (folder / LORA_FILE).is_file():
         return "lora"
-    if (folder / "unet").is_dir():
+    if (folder / "unet").is_dir() or (folder / "transformer").is_dir():  # the denoiser of a full run
         return "full"
     return None
 

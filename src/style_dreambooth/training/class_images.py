@@ -11,7 +11,7 @@ from ..config import TrainConfig
 from ..data.class_cache import ClassImageSpec, default_cache_root, ensure_class_images
 from ..data.dataset import Example, class_examples
 from ..data.images import list_images
-from ..models.backbones import SD1
+from ..models.backbones import SD1, get
 from ..models.loading import load_run_base, model_identity
 from ..progress import progress_bar
 from ..sampling.generate import sample
@@ -42,13 +42,16 @@ def class_image_examples(
                         "keep their own captions")
         return class_examples(paths, class_prompt)
     root = cfg.class_dir if cfg.class_dir is not None else default_cache_root()
+    backbone = get(cfg.backbone)
+    sampler = backbone.samplers[0]  # the base pipeline's own kind of sampler
+    guidance = cfg.class_guidance_scale if cfg.class_guidance_scale is not None else backbone.default_guidance
     spec = ClassImageSpec(
         model=model_identity(cfg.base_model, cfg.revision),
         prompt=class_prompt,
         resolution=cfg.resolution,
         inference_steps=cfg.class_inference_steps,
-        guidance_scale=cfg.class_guidance_scale,
-        sampler="dpm++",
+        guidance_scale=guidance,
+        sampler=sampler,
         seed=cfg.seed,
         prompts=prompts,
         batch_size=cfg.sample_batch_size,
@@ -57,7 +60,7 @@ def class_image_examples(
 
     def make_generator():
         pipe = load_run_base(cfg.model_dump(), weight_dtype)
-        pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
+        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
         pipe = pipe.to(accelerator.device)
         pipe.set_progress_bar_config(disable=True)
 

@@ -74,12 +74,18 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def resolve_family(cfg: TrainConfig) -> TrainConfig:
-    """--backbone auto becomes the family the base model's files name (a contradiction is refused), and
-    the resolution defaults to the size the model was trained at (its UNet's sample size; SD 2.x-base 512,
+    """--backbone auto becomes the family the base model's files name (a contradiction is refused), the LoRA
+    targets default to the family's, and the resolution defaults to the size the model was trained at (its UNet's sample size; SD 2.x-base 512,
     2.x-v 768), or to the family's when its configs cannot be read (a single file)."""
     backbone = resolve_backbone(cfg.backbone, cfg.base_model, cfg.revision)
     resolution = cfg.resolution or native_resolution(cfg.base_model, cfg.revision) or backbone.default_resolution
-    return cfg.model_copy(update={"backbone": backbone.family, "resolution": resolution})
+    if resolution % backbone.resolution_multiple:
+        step = backbone.resolution_multiple
+        raise UserError(f"--resolution {resolution} is not a multiple of {step}, which {backbone.title} needs "
+                        f"(the VAE's downscale times its patch size); use {resolution // step * step} or "
+                        f"{(resolution // step + 1) * step}")
+    return cfg.model_copy(update={"backbone": backbone.family, "resolution": resolution,
+                                  "lora_targets": cfg.lora_targets or list(backbone.default_lora_targets)})
 
 
 def resolve_class_prompt(cfg: TrainConfig) -> str:
@@ -95,14 +101,6 @@ def resolve_class_prompt(cfg: TrainConfig) -> str:
     derived = " ".join(words[1:])
     log.info("class prompt not given; using '%s' (the instance prompt without '%s')", derived, words[0])
     return derived
-
-
-def trained_timesteps(cfg: TrainConfig, total: int) -> tuple[int, int]:
-    """[low, high) of the timesteps drawn for training."""
-    high = total if cfg.max_timestep is None else cfg.max_timestep
-    if high > total:
-        raise UserError(f"--max-timestep {high} is beyond the base model's {total} noise timesteps")
-    return cfg.min_timestep, high
 
 
 def has_top_level_images(folder: Path) -> bool:

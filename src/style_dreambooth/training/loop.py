@@ -34,6 +34,7 @@ from ..errors import UserError
 from ..files import disk_full_is_user_error, make_output_dir
 from ..locks import hold_folder
 from ..models.backbones import Backbone, PromptEncoder, get, prediction_type
+from ..models.backbones.objectives import Objective
 from ..models.loading import load_run_base, model_identity
 from ..models.tokenizer import analyze_identifier, find_identifier, format_identifier_report
 from ..progress import progress_bar
@@ -46,10 +47,10 @@ from .class_images import class_image_examples
 from .ema import WeightAverage
 from .inputs import (  # noqa: F401 - check_resume_config is part of this module's interface
     absolute_paths, check_prompt_lengths, check_resume_config, generated_class_prompts, resolve_class_prompt,
-    resolve_family, resolve_mixed_precision, trained_timesteps,
+    resolve_family, resolve_mixed_precision,
 )
 from .noise import perturbed, training_noise
-from .loss import diffusion_target, dreambooth_loss
+from .loss import dreambooth_loss
 from .memory import check_fits_in_memory
 from .optim import make_lr_scheduler, make_optimizer
 from .run_folder import RunFolder
@@ -123,12 +124,12 @@ class Base:
     pipe: Any
     text_encoders: dict[str, torch.nn.Module]
     identifier: str | None
-    timestep_range: tuple[int, int]
+    objective: Objective
 
 
 @dataclass
 class Models:
-    """The family's modules on the device, what trains, and the noise schedule."""
+    """The family's modules on the device, what trains, and the family's objective."""
 
     backbone: type[Backbone]
     base: Any  # the loaded pipeline; frozen parts are read from it
@@ -136,15 +137,15 @@ class Models:
     trainables: Trainables
     encoder: LatentEncoder
     encode_prompts: PromptEncoder
-    noise_scheduler: Any
-    timestep_range: tuple[int, int]
-    alphas_cumprod: torch.Tensor
-    prediction_type: str
+    objective: Objective
+    guidance: float | None  # a guidance-distilled denoiser's training guidance (FLUX.1-dev)
     trained: dict[str, torch.nn.Module] = field(default_factory=dict)  # after accelerator.prepare
+    offloaded: bool = False  # the frozen text encoders wait on the CPU, their prompts encoded
 
     @property
-    def unet(self) -> torch.nn.Module:
-        return self.trained["unet"]
+    def denoiser(self) -> torch.nn.Module:
+        """The prepared UNet or transformer."""
+        return self.trained[self.backbone.denoiser_name]
 
     def current_text_encoders(self) -> dict[str, torch.nn.Module]:
         """Each text encoder as the step uses it: the prepared module if it trains, the frozen one if not."""
@@ -228,9 +229,9 @@ def load_base(setup: Setup) -> Base:
     pipe = load_run_base(cfg.model_dump(), torch.float32)
     text_encoders = backbone.text_encoders(pipe)
     if cfg.method == "lora":
-        lora_targets(cfg, backbone, pipe.unet, text_encoders)
-    timestep_range = trained_timesteps(cfg, pipe.scheduler.config["num_train_timesteps"])
-    return Base(backbone, pipe, text_encoders, _checked_identifier(setup, pipe.tokenizer), timestep_range)
+        lora_targets(cfg, backbone, backbone.denoiser(pipe), text_encoders)
+    objective = backbone.objective(cfg, dict(pipe.scheduler.config), setup.accelerator.device)
+    return Base(backbone, pipe, text_encoders, _checked_identifier(setup, pipe.tokenizer), objective)
 
 
 # --------------------------------------------------------------------------- data
@@ -255,10 +256,7 @@ def load_models(setup: Setup, loaded: Base, instances: ImageBank, classes: Image
     cfg, accelerator, weight_dtype = setup.cfg, setup.accelerator, setup.weight_dtype
     device = accelerator.device
     backbone, base, text_encoders, identifier = loaded.backbone, loaded.pipe, loaded.text_encoders, loaded.identifier
-
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    denoiser = backbone.denoiser(base)
     vae = base.vae
     vae.requires_grad_(False)
     # SDXL's VAE overflows in half precision; a fixed one (--vae) says so with force_upcast false.
@@ -272,8 +270,8 @@ def load_models(setup: Setup, loaded: Base, instances: ImageBank, classes: Image
 
     torch.manual_seed(cfg.seed)  # LoRA's initial weights
     identifier_ids = base.tokenizer(identifier, add_special_tokens=False).input_ids if identifier else None
-    trainables = make_trainables(cfg, backbone, base.unet, text_encoders, model_identity(cfg.base_model, cfg.revision),
-                                 identifier_ids, prediction_type(noise_scheduler))
+    trainables = make_trainables(cfg, backbone, denoiser, text_encoders, model_identity(cfg.base_model, cfg.revision),
+                                 identifier_ids, prediction_type(base.scheduler))
     if setup.checkpoint is not None:
         trainables.load_weights(setup.checkpoint)
     trainables.cast_frozen(weight_dtype)
@@ -281,18 +279,34 @@ def load_models(setup: Setup, loaded: Base, instances: ImageBank, classes: Image
         if name not in trainables.modules:
             module.to(device, dtype=weight_dtype)
     if cfg.channels_last:
-        base.unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         for name in trainables.modules:
-            if name != "unet":
+            if name != backbone.denoiser_name:
                 text_encoders[name].gradient_checkpointing_enable()
-    return Models(
+    frozen = not any(name in trainables.modules for name in text_encoders)
+    models = Models(
         backbone, base, text_encoders, trainables, encoder,
-        PromptEncoder(backbone, backbone.tokenizers(base), device),
-        noise_scheduler, loaded.timestep_range, noise_scheduler.alphas_cumprod.to(device),
-        prediction_type(noise_scheduler),
+        PromptEncoder(backbone, backbone.tokenizers(base), device, frozen=frozen),
+        loaded.objective, backbone.train_guidance(denoiser, cfg),
     )
+    if frozen and not (cfg.shuffle_caption or cfg.caption_tag_dropout_rate):
+        _encode_every_prompt(setup, models, instances, classes)
+    return models
+
+
+def _encode_every_prompt(setup: Setup, models: Models, instances: ImageBank, classes: ImageBank | None) -> None:
+    """Frozen text encoders with fixed captions: encode each of the run's prompts once, then move the
+    encoders off the GPU (FLUX.1's T5-XXL alone is 9.5 GB in bf16); validation brings them back."""
+    prompts = [e.prompt for bank in (instances, classes) if bank is not None for e in bank.examples]
+    with setup.accelerator.autocast():
+        models.encode_prompts.precompute(models.text_encoders, prompts)
+    if setup.accelerator.device.type != "cpu":
+        for module in models.text_encoders.values():
+            module.to("cpu")
+        models.offloaded = True
+        torch.cuda.empty_cache()
 
 
 def _checked_identifier(setup: Setup, tokenizer) -> str | None:
@@ -425,21 +439,35 @@ def validate(setup: Setup, models: Models, step: int) -> None:
     """Sample the validation prompts with the weights as they are and save a grid."""
     cfg, accelerator = setup.cfg, setup.accelerator
     unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.current_text_encoders().items()}
-    pipe = models.backbone.assemble(models.base, accelerator.unwrap_model(models.unet), unwrapped)
-    pipe.scheduler = make_scheduler("dpm++", models.base.scheduler.config)
+    pipe = models.backbone.assemble(models.base, accelerator.unwrap_model(models.denoiser), unwrapped)
+    pipe.scheduler = make_scheduler(models.backbone.samplers[0], models.base.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for m in models.trained.values():
         m.eval()
     images = []
-    with torch.no_grad(), accelerator.autocast(), _decode_outside_autocast(pipe.vae):
+    with torch.no_grad(), accelerator.autocast(), _decode_outside_autocast(pipe.vae), \
+            _on_device(models.text_encoders.values() if models.offloaded else (), accelerator.device):
         for prompt in cfg.validation_prompt or [cfg.instance_prompt]:
             seeds = [cfg.seed + i for i in range(cfg.num_validation_images)]
             images += sample(pipe, prompt, seeds, steps=cfg.validation_inference_steps,
-                             width=cfg.resolution, height=cfg.resolution)
+                             guidance=models.backbone.default_guidance, width=cfg.resolution, height=cfg.resolution)
     for m in models.trained.values():
         m.train()
     setup.run.samples.mkdir(exist_ok=True)
     save_png(make_grid(images, cols=cfg.num_validation_images), setup.run.samples / f"step-{step:06d}.png")
+
+
+@contextlib.contextmanager
+def _on_device(modules, device: torch.device):
+    """Offloaded modules back on the device for the duration."""
+    modules = list(modules)
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
 
 
 @contextlib.contextmanager
@@ -482,29 +510,30 @@ def save_step_checkpoint(setup: Setup, models: Models, optimisation: Optimisatio
     accelerator.wait_for_everyone()
 
 
-def micro_step(setup: Setup, models: Models, optimisation: Optimisation, batch, step_seed: int, unet_step):
-    """One forward and backward pass of the DreamBooth loss (and the optimizer step when it is due)."""
+def micro_step(setup: Setup, models: Models, optimisation: Optimisation, batch, step_seed: int, denoiser_step):
+    """One forward and backward pass of the DreamBooth loss (and the optimizer step when it is due).
+
+    The draws come from the step's generator in a fixed order: the latent sample, the noise, the
+    noise levels, then the input perturbation."""
     cfg, accelerator = setup.cfg, setup.accelerator
     device = accelerator.device
     gen = torch.Generator(device=device).manual_seed(step_seed)
     torch.manual_seed(step_seed)  # dropout (e.g. --lora-dropout) draws from the global RNG
-    scheduler, alphas_cumprod = models.noise_scheduler, models.alphas_cumprod
+    backbone, objective = models.backbone, models.objective
     with accelerator.accumulate(*models.trained.values()):
         with torch.no_grad():
             dist = models.encoder.latent_dist(batch)
-            latents = (dist.sample(generator=gen) * models.base.vae.config.scaling_factor).float()
+            latents = backbone.latents(dist.sample(generator=gen), models.base.vae.config).float()
         noise = training_noise(latents, gen, cfg.offset_noise, cfg.multires_noise_iterations,
                                cfg.multires_noise_discount)
-        timesteps = torch.randint(*models.timestep_range, (latents.shape[0],), generator=gen, device=latents.device)
-        noisy = scheduler.add_noise(latents, perturbed(noise, gen, cfg.ip_noise_gamma), timesteps)
+        timesteps = objective.draw_timesteps(latents.shape[0], gen, latents.device, backbone.image_tokens(latents))
+        noisy = objective.noisy(latents, perturbed(noise, gen, cfg.ip_noise_gamma), timesteps)
         with accelerator.autocast():
             embeds = models.encode_prompts(models.current_text_encoders(), batch.prompts)
-            pred = models.backbone.denoise(unet_step, noisy, timesteps, embeds, batch.sizes())
-        pred_type = models.prediction_type
-        target = diffusion_target(pred_type, latents, noise, timesteps, alphas_cumprod)
+            pred = backbone.denoise(denoiser_step, noisy, timesteps, embeds, batch.sizes(), models.guidance)
         parts = dreambooth_loss(
-            pred, target, timesteps, alphas_cumprod, n_instance=batch.n_instance,
-            prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma, prediction_type=pred_type,
+            pred, objective.target(latents, noise, timesteps), n_instance=batch.n_instance,
+            prior_loss_weight=cfg.prior_loss_weight, weights=objective.weights(timesteps),
         )
         accelerator.backward(parts.total)
         if accelerator.sync_gradients:
@@ -522,8 +551,8 @@ def run_steps(setup: Setup, models: Models, optimisation: Optimisation, instance
     instance_order = SampleOrder(len(instances), cfg.seed, stream=0)
     class_order = SampleOrder(len(classes), cfg.seed, stream=1) if classes is not None else None
     accum, world, rank = cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
-    # The compiled wrapper shares the UNet's weights; saving and validation use the plain module.
-    unet_step = torch.compile(models.unet) if cfg.compile else models.unet
+    # The compiled wrapper shares the denoiser's weights; saving and validation use the plain module.
+    denoiser_step = torch.compile(models.denoiser) if cfg.compile else models.denoiser
     metrics = MetricsLog(setup, optimisation.params, with_prior=classes is not None)
     captions = CaptionRules(cfg.shuffle_caption, cfg.caption_tag_dropout_rate,
                             (cfg.instance_prompt, setup.class_prompt or ""))
@@ -541,7 +570,7 @@ def run_steps(setup: Setup, models: Models, optimisation: Optimisation, instance
                         instances, instance_order, classes, class_order, cfg.center_crop, captions,
                     )
                     parts = micro_step(setup, models, optimisation, batch, _step_seed(cfg.seed, step, micro, rank),
-                                       unet_step)
+                                       denoiser_step)
                     prior = parts.prior.detach() if parts.prior is not None else torch.zeros((), device=sums.device)
                     sums += torch.stack([parts.total.detach(), parts.instance.detach(), prior]).float() / accum
                 optimisation.lr_scheduler.step()

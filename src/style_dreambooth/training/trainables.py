@@ -47,6 +47,10 @@ def trained_text_encoders(cfg: TrainConfig, backbone: type[Backbone]) -> list[st
             cfg.train_text_encoder_2 is not None or cfg.text_encoder_2_lr is not None):
         raise UserError(f"--train-text-encoder-2 and --text-encoder-2-lr are for a second text encoder; "
                         f"{backbone.title} models have one")
+    why = backbone.frozen_text_encoders.get("text_encoder_2")
+    if why and (cfg.train_text_encoder_2 or cfg.text_encoder_2_lr is not None):
+        raise UserError(f"--train-text-encoder-2: {backbone.title}'s second text encoder is {why}; "
+                        "--train-text-encoder trains its CLIP encoder")
     chosen = [n for n in backbone.text_encoder_names if cfg.train_text_encoder and n in backbone.default_trained_text_encoders]
     if cfg.train_text_encoder_2 is not None:
         chosen = [n for n in chosen if n != "text_encoder_2"] + (["text_encoder_2"] if cfg.train_text_encoder_2 else [])
@@ -60,15 +64,17 @@ def freeze_unused(backbone: type[Backbone], text_encoders: dict[str, torch.nn.Mo
             module.requires_grad_(False)
 
 
-def learning_rate(cfg: TrainConfig, module: str) -> float:
-    """--learning-rate for the UNet, --text-encoder-lr for a text encoder, --text-encoder-2-lr for SDXL's second."""
+def learning_rate(cfg: TrainConfig, module: str, denoiser: str = "unet") -> float:
+    """--learning-rate for the denoiser (UNet or transformer), --text-encoder-lr for a text encoder,
+    --text-encoder-2-lr for SDXL's second."""
     text_lr = cfg.text_encoder_lr or cfg.learning_rate
-    return {"unet": cfg.learning_rate, "text_encoder_2": cfg.text_encoder_2_lr or text_lr}.get(module, text_lr)
+    return {denoiser: cfg.learning_rate, "text_encoder_2": cfg.text_encoder_2_lr or text_lr}.get(module, text_lr)
 
 
-def _param_groups(cfg: TrainConfig, modules: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
+def _param_groups(cfg: TrainConfig, backbone: type[Backbone], modules: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
     """One group per trained module, at that module's learning rate."""
-    return [{"params": _trainable(module), "lr": learning_rate(cfg, name)} for name, module in modules.items()]
+    return [{"params": _trainable(module), "lr": learning_rate(cfg, name, backbone.denoiser_name)}
+            for name, module in modules.items()]
 
 
 def apply_layer_filter(unet: torch.nn.Module, parts: list[str]) -> None:
@@ -97,7 +103,7 @@ class FullTrainables:
         for name, encoder in text_encoders.items():
             encoder.requires_grad_(name in trained)
         freeze_unused(backbone, text_encoders)
-        self.modules = {"unet": unet, **{name: text_encoders[name] for name in trained}}
+        self.modules = {backbone.denoiser_name: unet, **{name: text_encoders[name] for name in trained}}
         self._embeddings = []
         if trained and cfg.text_encoder_scope == "identifier":
             assert identifier_ids, "the loop checks that the instance prompt has an identifier"
@@ -109,7 +115,7 @@ class FullTrainables:
                 self._embeddings.append((weight, weight.detach().clone(), rows))
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return _param_groups(self.cfg, self.modules)
+        return _param_groups(self.cfg, self.backbone, self.modules)
 
     def after_step(self) -> None:
         """Put back every embedding row but the identifier's, whatever the optimizer (weight decay,
@@ -136,8 +142,9 @@ class FullTrainables:
         """Nothing is frozen inside the trained modules."""
 
     def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None:
-        encoders = {**self.backbone.text_encoders(base), **{k: m for k, m in modules.items() if k != "unet"}}
-        pipe = self.backbone.assemble(base, modules["unet"], encoders)
+        denoiser = self.backbone.denoiser_name
+        encoders = {**self.backbone.text_encoders(base), **{k: m for k, m in modules.items() if k != denoiser}}
+        pipe = self.backbone.assemble(base, modules[denoiser], encoders)
         pipe.vae.to(torch.float32)
         for encoder in encoders.values():
             encoder.to(torch.float32)
@@ -153,13 +160,15 @@ def lora_targets(cfg: TrainConfig, backbone: type[Backbone], unet,
                  text_encoders: dict[str, torch.nn.Module]) -> dict[str, tuple[torch.nn.Module, list[str]]]:
     """The modules that get adapters and the --lora-targets names found in each; a UserError if a
     module has none (checked before any slow work, e.g. class images)."""
-    models = {"unet": unet, **{name: text_encoders[name] for name in trained_text_encoders(cfg, backbone)}}
+    models = {backbone.denoiser_name: unet,
+              **{name: text_encoders[name] for name in trained_text_encoders(cfg, backbone)}}
+    wanted = cfg.lora_targets or list(backbone.default_lora_targets)
     found = {}
     for role, model in models.items():
-        targets = _matching_targets(model, cfg.lora_targets)
+        targets = _matching_targets(model, wanted)
         if not targets:
             raise UserError(
-                f"--lora-targets {','.join(cfg.lora_targets)} match no layer of the {role}; "
+                f"--lora-targets {','.join(wanted)} match no layer of the {role}; "
                 "use names such as to_q,to_k,to_v,to_out.0 (UNet) and q_proj,k_proj,v_proj,out_proj (text encoder)"
             )
         found[role] = (model, targets)
@@ -194,7 +203,7 @@ class LoraTrainables:
         self.modules = {role: model for role, (model, _) in found.items()}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return _param_groups(self.cfg, self.modules)
+        return _param_groups(self.cfg, self.backbone, self.modules)
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Store the frozen base weights in the mixed-precision dtype; adapters stay fp32."""

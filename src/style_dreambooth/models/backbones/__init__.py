@@ -6,6 +6,7 @@ A new family plugs in by adding a module with a :class:`~.base.Backbone` subclas
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,14 @@ from ..hub import hub_offline
 from .base import Backbone, ImageSize, PromptEmbeds, PromptEncoder, prediction_type, tokenize
 from .sd1 import SD1
 from .sd2 import SD2
+from .flux import FLUX
 from .sdxl import SDXL
 
-FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SD1, SD2, SDXL)}
+FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SD1, SD2, SDXL, FLUX)}
 CHOICES = ("auto", *FAMILIES)
 
 __all__ = [
-    "SD1", "SD2", "SDXL", "Backbone", "CHOICES", "agreeing_family", "FAMILIES", "ImageSize", "PromptEmbeds", "PromptEncoder", "backbone_of",
+    "FLUX", "SD1", "SD2", "SDXL", "Backbone", "CHOICES", "agreeing_family", "FAMILIES", "ImageSize", "PromptEmbeds", "PromptEncoder", "backbone_of",
     "detect_family", "family_of_folder", "hub_config_folder", "native_resolution", "family_of_lora", "family_of_unet", "single_file_family", "single_file_keys", "family_of_single_file", "get", "prediction_type", "resolve_backbone", "shape_family",
     "tokenize",
 ]
@@ -55,12 +57,16 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
 def family_of_folder(folder: Path) -> type[Backbone]:
-    """The family of a diffusers folder, from model_index.json's `_class_name` and the UNet's config."""
+    """The family of a diffusers folder, from model_index.json's `_class_name` and the denoiser's config
+    (its UNet's or transformer's)."""
     index = _read_json(folder / "model_index.json")
-    unet_file = folder / "unet" / "config.json"
-    unet = _read_json(unet_file) if unet_file.is_file() else {}
-    return _family_of_index(str(index.get("_class_name", "")), unet, f"model '{folder}'")
+    found = [folder / name / "config.json" for name in DENOISER_FOLDERS if (folder / name / "config.json").is_file()]
+    denoiser = _read_json(found[0]) if found else {}
+    return _family_of_index(str(index.get("_class_name", "")), denoiser, f"model '{folder}'")
 
 
 def native_resolution(base_model: str, revision: str | None = None) -> int | None:
@@ -139,7 +145,9 @@ def family_of_unet(config: dict[str, Any]) -> type[Backbone]:
 
 def backbone_of(pipe) -> type[Backbone]:
     """The family of a loaded pipeline."""
-    return _family_of_index(type(pipe).__name__, dict(pipe.unet.config), f"pipeline {type(pipe).__name__}")
+    denoiser = next((getattr(pipe, n) for n in DENOISER_FOLDERS if getattr(pipe, n, None) is not None), None)
+    config = dict(denoiser.config) if denoiser is not None else {}
+    return _family_of_index(type(pipe).__name__, config, f"pipeline {type(pipe).__name__}")
 
 
 def shape_family(shape: str) -> type[Backbone]:
@@ -177,15 +185,16 @@ def hub_config_folder(hub_id: str, revision: str | None = None) -> Path | None:
         found = huggingface_hub.try_to_load_from_cache(hub_id, "model_index.json", revision=revision)
         if not isinstance(found, str) and not hub_offline():
             found = huggingface_hub.hf_hub_download(hub_id, "model_index.json", revision=revision)
-            for config in ("unet/config.json", "vae/config.json"):
-                huggingface_hub.hf_hub_download(hub_id, config, revision=revision)
+            for config in ("unet/config.json", "transformer/config.json", "vae/config.json"):
+                with contextlib.suppress(Exception):  # a family has a UNet or a transformer
+                    huggingface_hub.hf_hub_download(hub_id, config, revision=revision)
     except Exception:  # noqa: BLE001 - an invalid id, no network, an unreadable cache: nothing to read
         return None
     return Path(found).parent if isinstance(found, str) else None
 
 
 def resolve_backbone(requested: str, base_model: str, revision: str | None = None) -> type[Backbone]:
-    """`--backbone auto|sd1|sd2|sdxl` checked against what the model's files say."""
+    """`--backbone auto|sd1|sd2|sdxl|flux` checked against what the model's files say."""
     detected = detect_family(base_model, revision)
     if detected is not None:
         return agreeing_family(requested, detected, base_model)

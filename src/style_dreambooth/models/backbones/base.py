@@ -1,8 +1,10 @@
 """The interface every model family implements; the training loop, generation and export only call it.
 
-A family module (sd1.py, sd2.py, sdxl.py) owns everything that differs between backbones: the
-pipeline classes, how its files are recognised, prompt encoding, the denoiser call, which text
-encoders exist, the LoRA and single-file key layouts, the default resolution and the random shapes.
+A family module (sd1.py, sd2.py, sdxl.py, flux.py) owns everything that differs between backbones:
+the pipeline classes, how its files are recognised, prompt encoding, the training objective (see
+objectives.py), latent normalisation, the denoiser call (packing, timestep units, guidance), which
+text encoders exist and which may train, the LoRA and single-file key layouts, the samplers, the
+default resolution and the random shapes.
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 @dataclass
 class PromptEmbeds:
-    """What the denoiser is conditioned on: per-token states, and (SDXL) a pooled vector per prompt."""
+    """What the denoiser is conditioned on: per-token states, and (SDXL, FLUX.1) a pooled vector per prompt."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+
+    def select(self, rows: list[int]) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
+
+    @staticmethod
+    def stack(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return PromptEmbeds(torch.cat([p.hidden for p in parts]), pooled)
 
 
 @dataclass(frozen=True)
@@ -48,11 +58,19 @@ class Backbone:
     # model_index.json class names a folder of this family may carry (the pipeline it was saved from).
     folder_class_names: ClassVar[tuple[str, ...]] = ()
     controlnet_pipeline_class_name: ClassVar[str | None] = None
+    # Regional prompts (--layout) need the family's cross-attention processor (sampling/regional_attention.py).
+    has_regional_prompts: ClassVar[bool] = True
     scheduler_class_name: ClassVar[str] = "PNDMScheduler"  # what the family's releases ship with
+    # Sampler short names (sampling/images.py) the family's objective can be sampled with; the first is the default.
+    samplers: ClassVar[tuple[str, ...]] = ("dpm++", "ddim", "euler-a", "pndm")
+    default_guidance: ClassVar[float | None] = 7.5  # classifier-free guidance scale when none is given
     # Component names of the pipeline, in the pipeline's own spelling.
+    denoiser_name: ClassVar[str] = "unet"
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     # The text encoders --train-text-encoder trains unless a per-encoder flag says otherwise.
     default_trained_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # Text encoders that never train, and why (FLUX.1's and SD 3.5's T5).
+    frozen_text_encoders: ClassVar[dict[str, str]] = {}
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     # kohya LoRA key prefixes per trained module.
     lora_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -68,6 +86,11 @@ class Backbone:
     shapes: ClassVar[dict[str, Callable[[], dict[str, Any]]]] = {}
     # Keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16).
     vae_needs_fp32: ClassVar[bool] = False
+    # Image sides must be a multiple of this (the VAE's downscale, times FLUX.1's 2x2 patches).
+    resolution_multiple: ClassVar[int] = 8
+    # LoRA layers by default (--lora-targets): the attention projections of the denoiser and the text encoders.
+    default_lora_targets: ClassVar[tuple[str, ...]] = (
+        "to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 
     # ------------------------------------------------------------------ classes
 
@@ -110,6 +133,21 @@ class Backbone:
     # ------------------------------------------------------------------ components
 
     @classmethod
+    def denoiser(cls, pipe) -> torch.nn.Module:
+        """The network that trains: the UNet, or a diffusion transformer."""
+        return getattr(pipe, cls.denoiser_name)
+
+    @classmethod
+    def default_image_size(cls, pipe) -> int:
+        """The side, in pixels, the model draws at when no size is asked for."""
+        return cls.denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+
+    @classmethod
+    def random_scheduler_config(cls, prediction_type: str = "epsilon") -> dict[str, Any] | None:
+        """The noise scheduler config the random shapes ship with; None: SD 1.5's (random_model.py)."""
+        return None
+
+    @classmethod
     def text_encoders(cls, pipe) -> dict[str, torch.nn.Module]:
         return {name: getattr(pipe, name) for name in cls.text_encoder_names}
 
@@ -127,7 +165,7 @@ class Backbone:
     def assemble(cls, base, unet, text_encoders: dict[str, torch.nn.Module]):
         """The base pipeline with trained modules swapped in (no safety checker)."""
         parts = {name: getattr(base, name) for name in base.components}
-        parts.update(unet=unet, **text_encoders)
+        parts.update({cls.denoiser_name: unet}, **text_encoders)
         for name in ("safety_checker", "feature_extractor", "image_encoder"):
             if name in parts:
                 parts[name] = None
@@ -137,33 +175,96 @@ class Backbone:
     # ------------------------------------------------------------------ the maths that differs
 
     @classmethod
+    def objective(cls, cfg, scheduler_config: dict[str, Any], device: torch.device):
+        """The training objective: DDPM on the scheduler's schedule, over --min-timestep..--max-timestep."""
+        from ...errors import UserError
+        from .objectives import DDPMObjective
+
+        total = scheduler_config["num_train_timesteps"]
+        high = total if cfg.max_timestep is None else cfg.max_timestep
+        if high > total:
+            raise UserError(f"--max-timestep {high} is beyond the base model's {total} noise timesteps")
+        for name in ("timestep_sampling", "flow_shift", "weighting_scheme"):
+            if getattr(cfg, name) is not None:
+                raise UserError(f"--{name.replace('_', '-')} is for flow-matching families (flux); {cls.title} "
+                                "draws integer timesteps (see --min-timestep, --max-timestep, --snr-gamma)")
+        return DDPMObjective(scheduler_config, (cfg.min_timestep, high), scheduler_config.get(
+            "prediction_type", "epsilon"), cfg.snr_gamma, device)
+
+    @classmethod
+    def latents(cls, sample: torch.Tensor, vae_config) -> torch.Tensor:
+        """A VAE sample normalised to what the denoiser was trained on: (z - shift) * scale (SD: no shift)."""
+        return (sample - (vae_config.get("shift_factor") or 0.0)) * vae_config.scaling_factor
+
+    @classmethod
+    def image_tokens(cls, latents: torch.Tensor) -> int:
+        """How many image tokens the denoiser sees (a resolution-dependent shift reads it); 0 for a UNet."""
+        return 0
+
+    @classmethod
+    def train_guidance(cls, denoiser, cfg) -> float | None:
+        """The guidance value a guidance-distilled denoiser is conditioned on in training; None for the rest."""
+        return None
+
+    @classmethod
     def encode_prompts(cls, text_encoders: dict[str, torch.nn.Module], ids: list[torch.Tensor]) -> PromptEmbeds:
         """Token ids (one tensor per tokenizer) -> the denoiser's conditioning."""
         raise NotImplementedError
 
     @classmethod
     def denoise(cls, unet, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
-                sizes: list[ImageSize]) -> torch.Tensor:
+                sizes: list[ImageSize], guidance: float | None = None) -> torch.Tensor:
+        """The denoiser's prediction for latents shaped (B, C, H, W), in the same shape; ``timesteps`` are
+        the objective's (integer steps, or flow-matching sigmas in [0, 1])."""
         raise NotImplementedError
+
+    @classmethod
+    def pipe_call_kwargs(cls, pipe) -> dict[str, Any]:
+        """Extra arguments the family's pipeline needs to sample as the model trained."""
+        return {}
 
 
 class PromptEncoder:
     """Prompts -> conditioning, through a family's tokenizers and text encoders.
 
     The token ids of each distinct prompt list are made once and kept on the device (a training run
-    has about as many as it has captions), so a training step does no tokenizing."""
+    has about as many as it has captions), so a training step does no tokenizing. When no text encoder
+    trains (``frozen``), each distinct *prompt* is encoded once and its conditioning kept: a batch is
+    the stack of its own prompts' rows, whatever order the data loader draws them in. Once every prompt
+    of a run is encoded, the text encoders can leave the device (:meth:`precompute`)."""
 
-    def __init__(self, backbone: type[Backbone], tokenizers: list, device: torch.device) -> None:
+    def __init__(self, backbone: type[Backbone], tokenizers: list, device: torch.device, frozen: bool = False) -> None:
         self.backbone = backbone
         self.tokenizers = tokenizers
         self.device = device
+        self.frozen = frozen
         self._ids: dict[tuple[str, ...], list[torch.Tensor]] = {}
+        self._embeds: dict[str, PromptEmbeds] = {}
 
     def __call__(self, text_encoders: dict[str, torch.nn.Module], prompts: list[str]) -> PromptEmbeds:
+        if not self.frozen:
+            return self._encode(text_encoders, prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if missing:
+            with torch.no_grad():
+                encoded = self._encode(text_encoders, missing)
+            self._embeds.update({p: encoded.select([i]) for i, p in enumerate(missing)})
+        return PromptEmbeds.stack([self._embeds[p] for p in prompts])
+
+    def precompute(self, text_encoders: dict[str, torch.nn.Module], prompts: list[str], batch: int = 8) -> None:
+        """Encode ``prompts`` now, a few at a time (frozen encoders only)."""
+        assert self.frozen, "only a frozen text encoder's conditioning can be kept"
+        unique = list(dict.fromkeys(prompts))
+        for start in range(0, len(unique), batch):
+            self(text_encoders, unique[start:start + batch])
+
+    def _encode(self, text_encoders: dict[str, torch.nn.Module], prompts: list[str]) -> PromptEmbeds:
         key = tuple(prompts)
         ids = self._ids.get(key)
         if ids is None:
-            ids = self._ids[key] = [tokenize(t, prompts).to(self.device) for t in self.tokenizers]
+            ids = [tokenize(t, prompts).to(self.device) for t in self.tokenizers]
+            if not self.frozen:
+                self._ids[key] = ids
         return self.backbone.encode_prompts(text_encoders, ids)
 
 

@@ -64,7 +64,7 @@ class SD1(Backbone):
 
     @classmethod
     def owns_unet_config(cls, config: dict[str, Any]) -> bool:
-        return not _is_sd2_unet(config) and not config.get("addition_embed_type")
+        return not _is_sd2_unet(config) and not config.get("addition_embed_type") and not _is_transformer(config)
 
     @classmethod
     def owns_single_file(cls, keys: set[str]) -> bool:
@@ -76,8 +76,13 @@ class SD1(Backbone):
 
     @classmethod
     def denoise(cls, unet, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
-                sizes: list[ImageSize]) -> torch.Tensor:
+                sizes: list[ImageSize], guidance: float | None = None) -> torch.Tensor:
         return unet(noisy, timesteps, embeds.hidden).sample
+
+
+def _is_transformer(config: dict[str, Any]) -> bool:
+    """A diffusion transformer's config (MM-DiT: FLUX.1, SD 3.5) rather than a UNet's."""
+    return "joint_attention_dim" in config
 
 
 def _is_sd2_unet(unet_config: dict[str, Any]) -> bool:

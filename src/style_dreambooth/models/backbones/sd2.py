@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .random_parts import UNET_COMMON, clip_text_config, vae_config
-from .sd1 import SD1, _components, _is_sd2_unet, tiny_unet
+from .sd1 import SD1, _components, _is_sd2_unet, _is_transformer, tiny_unet
 
 
 def sd21() -> dict[str, Any]:
@@ -43,7 +43,7 @@ class SD2(SD1):
 
     @classmethod
     def owns_unet_config(cls, config: dict[str, Any]) -> bool:
-        return _is_sd2_unet(config) and not config.get("addition_embed_type")
+        return _is_sd2_unet(config) and not config.get("addition_embed_type") and not _is_transformer(config)
 
     @classmethod
     def owns_single_file(cls, keys: set[str]) -> bool:

@@ -122,6 +122,6 @@ class SDXL(Backbone):
 
     @classmethod
     def denoise(cls, unet, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
-                sizes: list[ImageSize]) -> torch.Tensor:
+                sizes: list[ImageSize], guidance: float | None = None) -> torch.Tensor:
         added = {"text_embeds": embeds.pooled, "time_ids": time_ids(sizes, noisy.device).to(embeds.pooled.dtype)}
         return unet(noisy, timesteps, embeds.hidden, added_cond_kwargs=added).sample
