@@ -70,3 +70,18 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: refuse(None, a))
+
+
+@pytest.fixture(scope="session")
+def flux_model(tmp_path_factory) -> Path:
+    """A tiny random FLUX.1-dev (guidance embedding, CLIP-L + T5 with the offline T5 tokenizer)."""
+    from style_dreambooth.models.random_model import save_random_model
+
+    return save_random_model("flux-tiny", tmp_path_factory.mktemp("models") / "flux-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux_schnell_model(tmp_path_factory) -> Path:
+    from style_dreambooth.models.random_model import save_random_model
+
+    return save_random_model("flux-schnell-tiny", tmp_path_factory.mktemp("models") / "flux-schnell-tiny", seed=0)
