@@ -204,7 +204,7 @@ def test_sdxl_lora_file_loaded_by_diffusers_matches_the_fused_adapters(tmp_path)
         for module in lora.modules.values():
             for p in (p for n, p in module.named_parameters() if "lora_" in n):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    file = write_lora_file(tmp_path / "style.safetensors", lora_state_dict(lora.modules, SDXL.lora_prefixes),
+    file = write_lora_file(tmp_path / "style.safetensors", lora_state_dict(lora.modules, SDXL),
                            lora.metadata())
     keys = set(safe_open(str(file), "pt").keys())
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
@@ -248,9 +248,9 @@ def test_a_model_of_an_unknown_family_lists_the_families_we_know(tmp_path, tiny_
     flux = tmp_path / "flux"
     shutil.copytree(tiny_model, flux)
     index = json.loads((flux / "model_index.json").read_text())
-    (flux / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (flux / "model_index.json").write_text(json.dumps({**index, "_class_name": "HunyuanDiTPipeline"}))
     code, _, err = run_cli(capsys, *train_args(flux, instance_dir, tmp_path / "run"))
-    _one_line_error(code, err, "FluxPipeline", "sd1", "sd2", "sdxl")
+    _one_line_error(code, err, "HunyuanDiTPipeline", "sd1", "sd2", "sdxl", "flux")
     assert not (tmp_path / "run").exists()
 
 

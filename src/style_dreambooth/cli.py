@@ -303,8 +303,10 @@ def export(run: Path, fmt: str, checkpoint: str | None, half: bool, overwrite: b
     from .sampling.generate import resolve_model
 
     _quiet_libraries()
+    from .models.backbones import backbone_of
+
     pipe, label = resolve_model(str(run), checkpoint)
-    if getattr(pipe.unet, "peft_config", None):
+    if getattr(backbone_of(pipe).denoiser(pipe), "peft_config", None):
         raise UserError(f"'{run}' is a LoRA run; its model/lora.safetensors already loads in A1111 and ComfyUI")
     path = export_single_file(pipe, out, half=half, overwrite=overwrite)
     click.echo(f"wrote {label} as {path}")

@@ -539,9 +539,12 @@ def _pipeline_source(pipeline: Any) -> str:
 
 def _modules_to_export(pipeline: Any) -> tuple[type[Backbone], dict[str, torch.nn.Module]]:
     """The pipeline's family and the modules its single file holds (unwrapped from torch.compile)."""
+    backbone = backbone_of(pipeline)
+    if not backbone.has_single_file_export:
+        raise UserError(f"export --to single-file is not available for {backbone.family} ({backbone.title}) yet; "
+                        "the run's model/ folder is a diffusers folder that diffusers and ComfyUI load as it is")
     if getattr(pipeline, "unet", None) is None:
         raise UserError("the pipeline to export has no unet; export a complete Stable Diffusion pipeline")
-    backbone = backbone_of(pipeline)
     modules = {}
     for name in ("unet", "vae", *backbone.single_file_text_encoders):
         module = getattr(pipeline, name, None)

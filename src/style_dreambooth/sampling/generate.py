@@ -57,7 +57,7 @@ def resolve_model(model: str, checkpoint: str | None = None, allow_pickle: bool 
     config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
     base = load_run_base(config, dtype)
     if (folder / LORA_FILE).is_file():
-        base.load_lora_weights(str(folder / LORA_FILE), adapter_name="run")
+        backbone_of(base).load_lora(base, folder / LORA_FILE, "run")
         return base, label
     backbone = backbone_of(base)
     denoiser = backbone.denoiser(base)
@@ -115,7 +115,7 @@ def apply_loras(pipe, specs: list[str]) -> list[str]:
         check_lora_family(pipe, file)
         name = f"lora{i}"
         try:
-            pipe.load_lora_weights(str(file), adapter_name=name)
+            backbone_of(pipe).load_lora(pipe, file, name)
         except OSError:  # what diffusers raises for a file it cannot read as safetensors
             raise UserError(f"LoRA file '{file}' is not a readable .safetensors file (damaged or not a LoRA)") from None
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -266,7 +266,7 @@ def generate(req: GenerateRequest) -> list[Path]:
             chunk = seeds[start : start + 4]
             images += sample(
                 pipe, plan.prompt, chunk, negative_prompt=plan.negative_prompt, steps=req.steps,
-                guidance=guidance, width=width, height=height, conditioning=conditioning,
+                guidance=req.guidance, width=width, height=height, conditioning=conditioning,
             )
             if bar:
                 bar.advance(0, len(chunk))

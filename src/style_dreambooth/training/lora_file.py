@@ -1,11 +1,12 @@
 """LoRA files in the kohya / AUTOMATIC1111 layout, read and written from peft adapters.
 
-A layer ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` of the UNet becomes
+The layout is the family's (models/backbones: ``lora_tensors`` / ``lora_from_tensors``). For the UNet
+families a layer ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` of the UNet becomes
 ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.{lora_down,lora_up}.weight``
 plus a scalar ``.alpha``; text-encoder layers use the family's prefix (``lora_te_`` for SD 1.x and
-2.x, ``lora_te1_`` and ``lora_te2_`` for SDXL's two; see models/backbones). kohya's trainers use
-diffusers' module names, so these are the names AUTOMATIC1111, ComfyUI and diffusers'
-``load_lora_weights`` expect.
+2.x, ``lora_te1_`` and ``lora_te2_`` for SDXL's two). kohya's trainers use diffusers' module names
+there, so these are the names AUTOMATIC1111, ComfyUI and diffusers' ``load_lora_weights`` expect.
+FLUX.1's file uses BFL's module names with fused projections (models/backbones/flux.py).
 """
 
 from __future__ import annotations
@@ -18,17 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import give_usual_mode
-
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x and 2.x
-
-
-def kohya_name(prefix: str, module_path: str) -> str:
-    """The kohya layer name. Text-encoder paths are spelled from `text_model.` as in the SD
-    checkpoint layout, whether or not this transformers version nests CLIP under `text_model`."""
-    if prefix != PREFIXES["unet"] and not module_path.startswith("text_model."):
-        module_path = "text_model." + module_path
-    return prefix + module_path.replace(".", "_")
-
+from ..models.backbones import SD1, Backbone
+from ..models.backbones.base import Adapter
 
 def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Module path -> peft LoRA layer, for every layer that has LoRA weights."""
@@ -37,35 +29,37 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and m.lora_A}
 
 
-def lora_state_dict(models: dict[str, torch.nn.Module], prefixes: dict[str, str] = PREFIXES,
+def lora_adapters(models: dict[str, torch.nn.Module], adapter: str = "default") -> dict[str, dict[str, Adapter]]:
+    """Role ('unet', 'transformer', 'text_encoder', ...) -> module path -> (down, up, alpha) of each peft layer."""
+    return {
+        role: {
+            path: (layer.lora_A[adapter].weight.detach().float().cpu().contiguous(),
+                   layer.lora_B[adapter].weight.detach().float().cpu().contiguous(),
+                   float(layer.lora_alpha[adapter]))
+            for path, layer in _lora_layers(model).items()
+        }
+        for role, model in models.items()
+    }
+
+
+def lora_state_dict(models: dict[str, torch.nn.Module], backbone: type[Backbone] = SD1,
                     adapter: str = "default") -> dict[str, torch.Tensor]:
-    """kohya-layout tensors (down, up, alpha) for the adapters of each model ('unet', 'text_encoder', ...)."""
-    out: dict[str, torch.Tensor] = {}
-    for role, model in models.items():
-        for path, layer in _lora_layers(model).items():
-            name = kohya_name(prefixes[role], path)
-            down = layer.lora_A[adapter].weight.detach()
-            up = layer.lora_B[adapter].weight.detach()
-            out[f"{name}.lora_down.weight"] = down.float().cpu().contiguous()
-            out[f"{name}.lora_up.weight"] = up.float().cpu().contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]))
-    return out
+    """The tensors of the family's LoRA file layout for the adapters of each model."""
+    return backbone.lora_tensors(lora_adapters(models, adapter), models)
 
 
-def load_lora_state_dict(
-    models: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor], prefixes: dict[str, str] = PREFIXES,
-    adapter: str = "default",
-) -> None:
-    """Copy kohya-layout tensors into the models' existing peft adapters (all must match)."""
-    seen = set()
-    for role, model in models.items():
-        for path, layer in _lora_layers(model).items():
-            name = kohya_name(prefixes[role], path)
+def load_lora_state_dict(models: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor],
+                         backbone: type[Backbone] = SD1, adapter: str = "default") -> None:
+    """Copy a LoRA file's tensors into the models' existing peft adapters (every tensor must find its layer)."""
+    layers = {role: _lora_layers(model) for role, model in models.items()}
+    found, used = backbone.lora_from_tensors(tensors, {role: list(paths) for role, paths in layers.items()}, models)
+    for role, by_path in found.items():
+        for path, (down, up, _) in by_path.items():
+            layer = layers[role][path]
             with torch.no_grad():
-                layer.lora_A[adapter].weight.copy_(tensors[f"{name}.lora_down.weight"])
-                layer.lora_B[adapter].weight.copy_(tensors[f"{name}.lora_up.weight"])
-            seen.update(f"{name}.{k}" for k in ("lora_down.weight", "lora_up.weight", "alpha"))
-    unknown = set(tensors) - seen
+                layer.lora_A[adapter].weight.copy_(down)
+                layer.lora_B[adapter].weight.copy_(up)
+    unknown = set(tensors) - used
     if unknown:
         raise ValueError(f"LoRA file has {len(unknown)} tensors that match no layer, e.g. {sorted(unknown)[0]}")
 

@@ -234,10 +234,10 @@ class LoraTrainables:
 
     def save_weights(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        write_lora_file(folder / LORA_FILE, lora_state_dict(modules, self.backbone.lora_prefixes), self.metadata())
+        write_lora_file(folder / LORA_FILE, lora_state_dict(modules, self.backbone), self.metadata())
 
     def load_weights(self, folder: Path) -> None:
-        load_lora_state_dict(self.modules, read_lora_file(folder / LORA_FILE), self.backbone.lora_prefixes)
+        load_lora_state_dict(self.modules, read_lora_file(folder / LORA_FILE), self.backbone)
 
     def save_final(self, folder: Path, base, modules: dict[str, torch.nn.Module]) -> None:
         self.save_weights(folder, modules)

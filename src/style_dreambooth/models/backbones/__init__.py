@@ -106,6 +106,9 @@ def family_of_lora(metadata: dict[str, str], keys: set[str]) -> type[Backbone] |
     for backbone in FAMILIES.values():
         if version and version == backbone.kohya_base_version:
             return backbone
+    owners = [b for b in FAMILIES.values() if b.owns_lora(keys)]
+    if len(owners) == 1:
+        return owners[0]
     if version.startswith("sdxl") or any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
         return FAMILIES["sdxl"]
     return None

@@ -10,9 +10,35 @@ default resolution and the random shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
+
+# One LoRA layer: down (r, in), up (out, r) and alpha (its scale is alpha / r).
+Adapter = tuple[torch.Tensor, torch.Tensor, float]
+
+
+def kohya_name(prefix: str, module_path: str) -> str:
+    """The kohya layer name of a module. Text-encoder paths are spelled from `text_model.` as in the SD
+    checkpoint layout, whether or not this transformers version nests CLIP under `text_model`."""
+    if prefix.startswith("lora_te") and not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path
+    return prefix + module_path.replace(".", "_")
+
+
+def kohya_tensors(name: str, adapter: Adapter) -> dict[str, torch.Tensor]:
+    down, up, alpha = adapter
+    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(float(alpha))}
+
+
+def kohya_adapter(tensors: dict[str, torch.Tensor], name: str) -> Adapter | None:
+    """The (down, up, alpha) stored under a kohya layer name; alpha defaults to the rank, as kohya reads it."""
+    down, up = tensors.get(f"{name}.lora_down.weight"), tensors.get(f"{name}.lora_up.weight")
+    if down is None or up is None:
+        return None
+    alpha = tensors.get(f"{name}.alpha")
+    return down, up, float(alpha) if alpha is not None else float(down.shape[0])
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -80,6 +106,7 @@ class Backbone:
     single_file_text_encoders: ClassVar[dict[str, tuple[str, str]]] = {
         "text_encoder": ("cond_stage_model.transformer.", "openai"),
     }
+    has_single_file_export: ClassVar[bool] = True  # export --to single-file writes the original layout
     kohya_base_version: ClassVar[str]  # ss_base_model_version in a kohya LoRA's metadata
     modelspec_architecture: ClassVar[str]
     # Random-weight shapes this family can build: name -> () -> components (see random_model.py).
@@ -217,6 +244,44 @@ class Backbone:
         """The denoiser's prediction for latents shaped (B, C, H, W), in the same shape; ``timesteps`` are
         the objective's (integer steps, or flow-matching sigmas in [0, 1])."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ LoRA files
+
+    @classmethod
+    def lora_tensors(cls, adapters: dict[str, dict[str, Adapter]], models: dict[str, torch.nn.Module]
+                     ) -> dict[str, torch.Tensor]:
+        """The family's LoRA file: kohya names (prefix + module path, dots as underscores) per layer."""
+        out: dict[str, torch.Tensor] = {}
+        for role, layers in adapters.items():
+            for path, adapter in layers.items():
+                out.update(kohya_tensors(kohya_name(cls.lora_prefixes[role], path), adapter))
+        return out
+
+    @classmethod
+    def lora_from_tensors(cls, tensors: dict[str, torch.Tensor], paths: dict[str, list[str]],
+                          models: dict[str, torch.nn.Module]) -> tuple[dict[str, dict[str, Adapter]], set[str]]:
+        """The adapters a LoRA file holds for the given module paths of each role, and the tensor names used."""
+        found: dict[str, dict[str, Adapter]] = {}
+        used: set[str] = set()
+        for role, names in paths.items():
+            for path in names:
+                name = kohya_name(cls.lora_prefixes[role], path)
+                adapter = kohya_adapter(tensors, name)
+                if adapter is not None:
+                    found.setdefault(role, {})[path] = adapter
+                    used.update(k for k in (f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha")
+                                if k in tensors)
+        return found, used
+
+    @classmethod
+    def owns_lora(cls, keys: set[str]) -> bool:
+        """Whether a LoRA file's tensor names are in a layout only this family writes."""
+        return False
+
+    @classmethod
+    def load_lora(cls, pipe, file: Path, adapter_name: str) -> None:
+        """Load a LoRA file into ``pipe`` as a named adapter (diffusers reads kohya's UNet-family layout)."""
+        pipe.load_lora_weights(str(file), adapter_name=adapter_name)
 
     @classmethod
     def pipe_call_kwargs(cls, pipe) -> dict[str, Any]:

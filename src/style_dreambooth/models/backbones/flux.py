@@ -11,17 +11,21 @@ What this family owns:
 * the timestep units (the transformer takes sigma in [0, 1]) and the guidance embedding: dev is
   guidance-distilled and gets a guidance value (3.5 in training, as diffusers' script), schnell has
   none;
-* its text encoders: CLIP-L may train (LoRA or full), T5 never.
+* its text encoders: CLIP-L may train (LoRA or full), T5 never;
+* its LoRA file: kohya sd-scripts' layout on BFL's module names with fused projections, which ComfyUI
+  and Forge load (flux_lora.py), CLIP-L's layers under ``lora_te1_``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ...errors import UserError
-from .base import Backbone, ImageSize, PromptEmbeds
+from . import flux_lora
+from .base import Adapter, Backbone, ImageSize, PromptEmbeds
 from .objectives import FlowMatchingObjective, SigmaSchedule
 from .random_parts import clip_text_config
 
@@ -138,6 +142,7 @@ class FLUX(Backbone):
     frozen_text_encoders = {"text_encoder_2": T5_WHY}
     tokenizer_names = ("tokenizer", "tokenizer_2")
     lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+    has_single_file_export = False  # BFL's layout: not written yet
     kohya_base_version = "flux1"
     modelspec_architecture = "flux-1-dev"
     shapes = {"flux-tiny": flux_tiny, "flux-schnell-tiny": flux_schnell_tiny, "flux-dev": flux_dev}
@@ -221,3 +226,70 @@ class FLUX(Backbone):
     def pipe_call_kwargs(cls, pipe) -> dict[str, Any]:
         """T5 reads as many tokens as in training (its tokenizer's length; 512 for FLUX.1's own)."""
         return {"max_sequence_length": min(512, pipe.tokenizer_2.model_max_length)}
+
+    # ------------------------------------------------------------------ LoRA files
+
+    @classmethod
+    def lora_tensors(cls, adapters: dict[str, dict[str, Adapter]], models: dict[str, torch.nn.Module]
+                     ) -> dict[str, torch.Tensor]:
+        """CLIP-L's layers named as for the UNet families (``lora_te1_``), the transformer's in kohya's FLUX.1
+        layout: BFL names, q/k/v (and a single block's MLP input) fused on a block diagonal."""
+        out = super().lora_tensors({r: a for r, a in adapters.items() if r != cls.denoiser_name}, models)
+        if adapters.get(cls.denoiser_name):
+            inner, mlp = _sizes(models[cls.denoiser_name])
+            out.update(flux_lora.to_kohya(adapters[cls.denoiser_name], inner, mlp))
+        return out
+
+    @classmethod
+    def lora_from_tensors(cls, tensors: dict[str, torch.Tensor], paths: dict[str, list[str]],
+                          models: dict[str, torch.nn.Module]) -> tuple[dict[str, dict[str, Adapter]], set[str]]:
+        """The inverse of :meth:`lora_tensors`; also reads ComfyUI's and diffusers' names for the transformer
+        and LoRAs kohya trained (one fused matrix per module). ValueError for a tensor of no known module."""
+        text = {k: v for k, v in tensors.items() if k.startswith(flux_lora.TEXT_ENCODER_PREFIX)}
+        found, used = super().lora_from_tensors(text, {r: p for r, p in paths.items() if r != cls.denoiser_name},
+                                                models)
+        rest = {k: v for k, v in tensors.items() if k not in text}
+        if rest and cls.denoiser_name in paths:
+            inner, mlp = _sizes(models[cls.denoiser_name])
+            adapters = flux_lora.from_kohya(rest, inner, mlp)
+            wanted = set(paths[cls.denoiser_name])
+            found[cls.denoiser_name] = {p: a for p, a in adapters.items() if p in wanted}
+            used |= set(rest) if set(adapters) <= wanted else set()
+        return found, used
+
+    @classmethod
+    def load_lora(cls, pipe, file: Path, adapter_name: str) -> None:
+        """Read the file with our own converter (diffusers' hard-codes FLUX.1's real block sizes) and hand
+        diffusers the adapters in its own names, each scale folded into its up weights."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(file))
+        models = {cls.denoiser_name: cls.denoiser(pipe), "text_encoder": pipe.text_encoder}
+        paths = {role: _linear_paths(model) for role, model in models.items()}
+        found, used = cls.lora_from_tensors(tensors, paths, models)
+        if set(tensors) - used or not found:
+            unknown = sorted(set(tensors) - used)
+            raise ValueError(f"{len(unknown)} tensors match no layer, e.g. {unknown[0]}" if unknown else "no tensors")
+        state = {}
+        for role, layers in found.items():
+            for path, (down, up, alpha) in layers.items():
+                state[f"{role}.{path}.lora_A.weight"] = down
+                state[f"{role}.{path}.lora_B.weight"] = up * (alpha / down.shape[0])
+        pipe.load_lora_weights(state, adapter_name=adapter_name)
+
+    @classmethod
+    def owns_lora(cls, keys: set[str]) -> bool:
+        return flux_lora.is_flux_lora(keys)
+
+
+def _linear_paths(model: torch.nn.Module) -> list[str]:
+    """The module paths of a model's Linear layers, as before any LoRA adapter wrapped them."""
+    paths = (n.removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    return list(dict.fromkeys(p for p in paths if ".lora_" not in p))
+
+
+def _sizes(transformer) -> tuple[int, int]:
+    """(attention width, MLP width) of a FLUX.1 transformer: heads x head size, and 4 times that."""
+    config = getattr(transformer, "config", None) or transformer.module.config
+    inner = config.num_attention_heads * config.attention_head_dim
+    return inner, 4 * inner
