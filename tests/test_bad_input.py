@@ -270,7 +270,7 @@ def test_train_help_names_types_and_defaults(capsys):
     assert code == 0 and "PydanticUndefined" not in out
     flat = " ".join(out.split())
     assert "--seed INTEGER" in flat and "--learning-rate FLOAT" in flat and "--mixed-precision [no|fp16|bf16]" in flat
-    assert "[default: to_q," in flat
+    assert "default: the family's attention projections, to_q,to_k" in flat
 
 
 def test_bad_prompt_files_and_output_folders(tmp_path, capsys):

@@ -104,14 +104,20 @@ FULL_SHAPES = {  # the published models' parameter counts
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sd21": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+    "flux-dev": {"transformer": 11_901_408_320, "vae": 83_819_683, "text_encoder": 123_060_480,
+                 "text_encoder_2": 4_762_310_656},  # T5 v1.1 XXL's encoder
 }
 
 
-def test_random_model_command_offers_every_declared_shape():
-    from style_dreambooth.cli import RANDOM_SHAPES
+def test_random_model_command_offers_every_declared_shape(tmp_path, capsys):
+    from clihelp import run_cli
     from style_dreambooth.models.random_model import SHAPES
 
-    assert set(RANDOM_SHAPES) == set(SHAPES)
+    assert {"tiny", "sdxl", "flux-tiny", "flux-dev"} <= set(SHAPES)
+    code, _, err = run_cli(capsys, "random-model", "--shape", "nope", tmp_path / "m")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and all(shape in lines[0] for shape in SHAPES), err
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("shape", sorted(FULL_SHAPES))

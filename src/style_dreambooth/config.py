@@ -45,8 +45,9 @@ class TrainConfig(BaseModel):
         None, description="Diffusers folder or hub id whose config a single-file base model uses."
     )
     allow_pickle: bool = Field(False, description="Allow loading pickle (.ckpt/.bin) base models.")
-    backbone: Literal["auto", "sd1", "sd2", "sdxl", "flux"] = Field(
-        "auto", description="Model family: auto (read from the model's files), sd1, sd2, sdxl or flux (FLUX.1)."
+    backbone: str = Field(
+        "auto", description="Model family: auto (read from the model's files) or a family's name: sd1, sd2, sdxl, "
+        "flux (FLUX.1), ... (the README's table lists every family).",
     )
     vae: str | None = Field(
         None, description="A replacement VAE (diffusers folder or hub id), e.g. SDXL's fp16-fixed VAE; "
@@ -274,6 +275,16 @@ class TrainConfig(BaseModel):
     def _prompt_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the instance prompt must not be empty; name the style, e.g. 'yltcaxe artstyle'")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value != "auto":
+            from .models.backbones import FAMILIES  # here, not at the top: --help must not import torch
+
+            if value not in FAMILIES:
+                raise ValueError(f"unknown family; use auto or one of {', '.join(FAMILIES)}")
         return value
 
     @field_validator("flow_shift")

@@ -49,6 +49,12 @@ def _choices(annotation: Any) -> tuple[str, ...]:
     return ()
 
 
+def _families() -> tuple[str, ...]:
+    from ..models.backbones import CHOICES
+
+    return CHOICES
+
+
 def form_fields() -> list[FormField]:
     """One input per TrainConfig field, basic ones first."""
     names = [n for n in BASIC_FIELDS] + [n for n in TrainConfig.model_fields if n not in BASIC_FIELDS]
@@ -58,7 +64,7 @@ def form_fields() -> list[FormField]:
             continue
         info = TrainConfig.model_fields[name]
         default = None if info.is_required() else info.get_default(call_default_factory=True)
-        choices = _choices(info.annotation)
+        choices = _choices(info.annotation) if name != "backbone" else _families()
         if info.annotation is bool:
             kind, shown = "bool", bool(default)
         elif choices:
