@@ -7,13 +7,16 @@ at step N2, so no final save is timed. Results are written after every run, so a
 budget that runs out still leaves the rows measured so far.
 
 One call measures one model family: the rows of the model's family (SD 1.x: train_dreambooth.py and
-_lora.py; SDXL: train_dreambooth_lora_sdxl.py), at that family's resolution unless --resolution.
+_lora.py; SDXL: train_dreambooth_lora_sdxl.py; FLUX.1: train_dreambooth_lora_flux.py), at that family's
+resolution unless --resolution.
 
 usage (on a GPU machine, offline):
   python bench/bench_train.py --out bench-out --diffusers-script .baseline/train_dreambooth.py \\
       --diffusers-lora-script .baseline/train_dreambooth_lora.py
   python bench/bench_train.py --out bench-out --shape sdxl --json bench-out/train_sdxl_bench.json \\
       --diffusers-sdxl-lora-script .baseline/train_dreambooth_lora_sdxl.py
+  python bench/bench_train.py --out bench-out --shape flux-dev --model MODEL --json bench-out/train_flux_bench.json \
+      --diffusers-flux-lora-script .baseline/train_dreambooth_lora_flux.py
   python bench/bench_train.py --out /tmp/b --shape tiny --resolution 64 --precision no --steps 3,6   # CPU smoke
 """
 
@@ -35,8 +38,8 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 PROMPT, CLASS_PROMPT = "yltcaxe artstyle", "artstyle"
 # Random-model shapes by family, and each family's training resolution (as `train` defaults it).
-SHAPES = {"tiny": "sd1", "sd15": "sd1", "sdxl-tiny": "sdxl", "sdxl": "sdxl"}
-RESOLUTION = {"sd1": 512, "sdxl": 1024}
+SHAPES = {"tiny": "sd1", "sd15": "sd1", "sdxl-tiny": "sdxl", "sdxl": "sdxl", "flux-tiny": "flux", "flux-dev": "flux"}
+RESOLUTION = {"sd1": 512, "sdxl": 1024, "flux": 1024}
 
 
 def make_images(folder: Path, n: int, size: int, seed: int) -> Path:
@@ -82,6 +85,8 @@ def ours_cmd(model: Path, data: Path, out: Path, steps: int, cfg: dict, resoluti
 
 
 def diffusers_cmd(script: Path, model: Path, data: Path, out: Path, steps: int, cfg: dict, resolution: int) -> list[str]:
+    if cfg.get("family") == "flux":
+        return diffusers_flux_cmd(script, model, data, out, steps, cfg, resolution)
     cmd = [str(script), f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={data / 'instance'}",
            f"--class_data_dir={data / 'class'}", f"--instance_prompt={PROMPT}", f"--class_prompt={CLASS_PROMPT}",
            "--with_prior_preservation", "--prior_loss_weight=1.0", "--num_class_images=50", "--sample_batch_size=4",
@@ -100,17 +105,42 @@ def diffusers_cmd(script: Path, model: Path, data: Path, out: Path, steps: int, 
     return cmd
 
 
+def diffusers_flux_cmd(script: Path, model: Path, data: Path, out: Path, steps: int, cfg: dict,
+                       resolution: int) -> list[str]:
+    """train_dreambooth_lora_flux.py as ours runs: LoRA rank 4 on the transformer (its default layers), text
+    encoders frozen, prior preservation on the same 50 class images, 8-bit AdamW, lr 1e-4 constant, guidance 3.5,
+    T5 at 512 tokens, sigma uniform (its default weighting scheme 'none')."""
+    cmd = [str(script), f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={data / 'instance'}",
+           f"--class_data_dir={data / 'class'}", f"--instance_prompt={PROMPT}", f"--class_prompt={CLASS_PROMPT}",
+           "--with_prior_preservation", "--prior_loss_weight=1.0", "--num_class_images=50", "--sample_batch_size=1",
+           f"--output_dir={out}", "--seed=1337", f"--resolution={resolution}", "--train_batch_size=1", "--rank=4",
+           "--optimizer=AdamW", "--use_8bit_adam", "--learning_rate=1e-4", "--lr_scheduler=constant",
+           "--lr_warmup_steps=0", f"--max_train_steps={steps}", "--checkpointing_steps=1000000",
+           "--guidance_scale=3.5", "--max_sequence_length=512", "--weighting_scheme=none", "--cache_latents",
+           f"--mixed_precision={cfg['precision']}"]
+    if cfg.get("gc"):
+        cmd.append("--gradient_checkpointing")
+    return cmd
+
+
 def baseline_script(cfg: dict, args: argparse.Namespace) -> Path | None:
     """diffusers' script for a config: one per family and method."""
+    if cfg.get("family") == "flux":
+        return args.diffusers_flux_lora_script if cfg.get("lora") else None
     if cfg.get("family") == "sdxl":
         return args.diffusers_sdxl_lora_script if cfg.get("lora") else None
     return args.diffusers_lora_script if cfg.get("lora") else args.diffusers_script
 
 
 def model_family(model: Path) -> str:
-    """sdxl or sd1, from the pipeline class a diffusers folder names."""
+    """sdxl, flux or sd1, from the pipeline class a diffusers folder names."""
     class_name = json.loads((model / "model_index.json").read_text()).get("_class_name", "")
-    return "sdxl" if "XL" in class_name else "sd1"
+    return "sdxl" if "XL" in class_name else "flux" if class_name.startswith("Flux") else "sd1"
+
+
+# train_dreambooth_lora_flux.py's default LoRA layers (ours add proj_mlp, the single blocks' MLP input).
+FLUX_BASELINE_LAYERS = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,ff.net.0.proj,ff.net.2,"
+                        "ff_context.net.0.proj,ff_context.net.2")
 
 
 # Rows in the order they run: the reference configuration first, so a short budget still measures it.
@@ -128,6 +158,13 @@ CONFIGS = {
     "full-fp16-adamw": {"precision": "fp16", "ours_flags": ["--no-8bit-adam"]},
     # SDXL base 1.0 shapes, 1024 px: LoRA rank 4 on the UNet and both text encoders, VAE in fp32 (no fixed VAE).
     "sdxl-lora-fp16": {"family": "sdxl", "precision": "fp16", "lora": True, "baseline": True},
+    # FLUX.1-dev shapes (11.9 B transformer, T5-XXL), 1024 px, bf16: LoRA rank 4 on the transformer, text encoders
+    # frozen (their conditioning encoded once per prompt on our side, cached by the baseline too), with and
+    # without gradient checkpointing (without it, 1024 px with prior preservation may not fit 80 GB).
+    "flux-lora-bf16-gc": {"family": "flux", "precision": "bf16", "lora": True, "gc": True, "baseline": True,
+                          "ours_flags": ["--no-train-text-encoder", "--lora-targets", FLUX_BASELINE_LAYERS]},
+    "flux-lora-bf16": {"family": "flux", "precision": "bf16", "lora": True, "baseline": True,
+                       "ours_flags": ["--no-train-text-encoder", "--lora-targets", FLUX_BASELINE_LAYERS]},
 }
 
 
@@ -156,6 +193,7 @@ def main() -> None:
     ap.add_argument("--diffusers-script", type=Path, default=None, help="diffusers' examples/dreambooth/train_dreambooth.py")
     ap.add_argument("--diffusers-lora-script", type=Path, default=None, help="... and train_dreambooth_lora.py")
     ap.add_argument("--diffusers-sdxl-lora-script", type=Path, default=None, help="... and train_dreambooth_lora_sdxl.py")
+    ap.add_argument("--diffusers-flux-lora-script", type=Path, default=None, help="... and train_dreambooth_lora_flux.py")
     ap.add_argument("--configs", default=None, help="comma-separated rows; default: every row of the model's family")
     ap.add_argument("--steps", default="20,60", help="N1,N2: the steady-state window (steps)")
     ap.add_argument("--resolution", type=int, default=None, help="default: the family's (512 SD 1.x, 1024 SDXL)")

@@ -5,13 +5,16 @@
 #   tests  the GPU-only tests (pytest -m gpu)
 #   sdxl   the SDXL base 1.0-shaped random model: LoRA training at 1024 px (ours and
 #          train_dreambooth_lora_sdxl.py), generation (ours and StableDiffusionXLPipeline)
+#   flux   the FLUX.1-dev-shaped random model (11.9 B transformer + T5-XXL, drawn on the GPU in bf16, 34 GB):
+#          LoRA training at 1024 px, bf16, ours and train_dreambooth_lora_flux.py (BENCH_ROWS=flux: a call of its own)
 # BENCH_ROWS defaults to "sd15,tests,sdxl": sdxl then starts only if BENCH_SDXL_MIN_S (300) of the
 # budget remain, which after the SD 1.5 rows it seldom does; BENCH_ROWS=sdxl gives SDXL a call of its own.
 # BENCH_SDXL_RESERVE_S (default 0) holds that many seconds of the budget back from the stages before sdxl.
 #
 # Prepare here (CPU machine), once:
 #   python bench/device_wheels.py                                  # -> .whl/ (13 MiB)
-#   mkdir -p .baseline && for f in train_dreambooth.py train_dreambooth_lora.py train_dreambooth_lora_sdxl.py; do
+#   mkdir -p .baseline && for f in train_dreambooth.py train_dreambooth_lora.py train_dreambooth_lora_sdxl.py \
+#       train_dreambooth_lora_flux.py; do
 #     git -C DIFFUSERS_CHECKOUT show HEAD:examples/dreambooth/$f > .baseline/$f; done
 # Then, through the device tool: command "bash bench/device_run.sh" (or "BENCH_ROWS=sdxl BENCH_BUDGET_S=520
 # bash bench/device_run.sh"), carry [".whl", ".baseline"].
@@ -34,13 +37,15 @@ PY=${PY:-python3}
 if [ -n "${BENCH_SMOKE:-}" ]; then
   BUDGET=${BENCH_BUDGET_S:-650}; reserve=${BENCH_SDXL_RESERVE_S:-150}
   sd15=tiny; sdxl=sdxl-tiny; sdxl_min=${BENCH_SDXL_MIN_S:-30}; sdxl_sides=${BENCH_SDXL_GEN_SIDES:-ours,diffusers}
-  train=(--resolution 64 --precision no --steps 3,6); train_xl=("${train[@]}")
+  flux=flux-tiny; flux_build=()
+  train=(--resolution 64 --precision no --steps 3,6); train_xl=("${train[@]}"); train_flux=("${train[@]}")
   gen=(--cpu --steps 2 --size 64); gen_xl=(--cpu --steps 2 --size 64 --batches 1:2,2:1)
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"   # the caller's entries too (e.g. a torchvision)
 else
   BUDGET=${BENCH_BUDGET_S:-500}; reserve=${BENCH_SDXL_RESERVE_S:-0}
   sd15=sd15; sdxl=sdxl; sdxl_min=${BENCH_SDXL_MIN_S:-300}
   sdxl_sides=${BENCH_SDXL_GEN_SIDES:-ours,diffusers,diffusers-compiled}
+  flux=flux-dev; flux_build=(--dtype bf16 --device cuda); train_flux=(--steps 5,20)
   # SDXL: a shorter window (no compilation to wait out), and fewer images per batch size (about 3 s each at 1024 px).
   train=(); train_xl=(--steps 10,40)
   gen=(); gen_xl=(--size 1024 --batches 1:3,4:2)
@@ -55,19 +60,20 @@ nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 $PY -c "import torch, diffusers, bitsandbytes; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'bnb', bitsandbytes.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')" 2>&1 | grep -v gemm_4bit
 
 baseline=()
-for pair in "script train_dreambooth" "lora-script train_dreambooth_lora" "sdxl-lora-script train_dreambooth_lora_sdxl"; do
+for pair in "script train_dreambooth" "lora-script train_dreambooth_lora" "sdxl-lora-script train_dreambooth_lora_sdxl" \
+    "flux-lora-script train_dreambooth_lora_flux"; do
   set -- $pair
   [ -f ".baseline/$2.py" ] && baseline+=("--diffusers-$1" ".baseline/$2.py")
 done
 
 pack_logs() { (cd "$WORK" && tar czf "$OUT/logs.tgz" ./*.log ./*.json 2>/dev/null); }
 
-build_model() {  # SHAPE -> $WORK/model-SHAPE (kept: a later call on a still-warm machine reuses it)
-  local dir="$WORK/model-$1" t=$SECONDS
-  if [ -f "$dir/model_index.json" ]; then echo "model-$1 reused"; return 0; fi
-  $PY -m style_dreambooth random-model --shape "$1" --overwrite "$dir" >"$WORK/random-model-$1.log" 2>&1 \
-    || { echo "model-$1 FAILED to build:"; tail -20 "$WORK/random-model-$1.log"; return 1; }
-  echo "model-$1 built in $((SECONDS - t)) s"
+build_model() {  # SHAPE [ARGS...] -> $WORK/model-SHAPE (kept: a later call on a still-warm machine reuses it)
+  local shape=$1 dir="$WORK/model-$1" t=$SECONDS; shift
+  if [ -f "$dir/model_index.json" ]; then echo "model-$shape reused"; return 0; fi
+  $PY -m style_dreambooth random-model --shape "$shape" "$@" --overwrite "$dir" >"$WORK/random-model-$shape.log" 2>&1 \
+    || { echo "model-$shape FAILED to build:"; tail -20 "$WORK/random-model-$shape.log"; return 1; }
+  echo "model-$shape built in $((SECONDS - t)) s"
 }
 
 generate() {  # NAME MODEL-SHAPE ARGS...: the generation benchmark, its whole output in $WORK/generate-NAME.log
@@ -108,6 +114,13 @@ run_sdxl() {
     | tee "$OUT/generate_sdxl.log"
 }
 
+run_flux() {
+  build_model "$flux" "${flux_build[@]}" || return 1
+  $PY bench/bench_train.py --out "$WORK" --model "$WORK/model-$flux" --shape "$flux" "${train_flux[@]}" "${baseline[@]}" \
+    --configs "${BENCH_FLUX_TRAIN_CONFIGS:-flux-lora-bf16-gc,flux-lora-bf16}" --budget-s $(( $(left) * 80 / 100 )) \
+    --run-timeout-s 330 --json "$OUT/train_flux_bench.json" 2>&1 | grep -v '^ ' | tee "$OUT/train_flux.log"
+}
+
 for stage in ${ROWS//,/ }; do
   t=$SECONDS
   [ "$stage" = sdxl ] && reserve=0   # what was held back is this stage's now
@@ -116,7 +129,8 @@ for stage in ${ROWS//,/ }; do
     sd15) run_sd15 ;;
     tests) run_tests ;;
     sdxl) run_sdxl ;;
-    *) echo "unknown stage '$stage' in BENCH_ROWS; use sd15, tests, sdxl" ;;
+    flux) run_flux ;;
+    *) echo "unknown stage '$stage' in BENCH_ROWS; use sd15, tests, sdxl, flux" ;;
   esac
   pack_logs
   echo "== $stage done in $((SECONDS - t)) s"

@@ -200,14 +200,19 @@ def layout_sketch(layout: Path, out: Path, width: int | None, height: int | None
               "shapes: the published parameter counts); an unknown one lists them all.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="The weights' precision (flux-dev: bf16, 34 GB on disk).")
+@click.option("--device", default="cpu", show_default=True, help="Where the weights are drawn (cuda: seconds for flux-dev).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
 @click.argument("out", type=click.Path(path_type=Path))
-def random_model(shape: str, seed: int, prediction_type: str, overwrite: bool, out: Path) -> None:
+def random_model(shape: str, seed: int, prediction_type: str, dtype: str, device: str, overwrite: bool,
+                 out: Path) -> None:
     """Build a random-weight pipeline of any family (real CLIP tokenizer) for offline smoke tests."""
     from .models.random_model import save_random_model
 
     _quiet_libraries()
-    path = save_random_model(shape, out, seed=seed, prediction_type=prediction_type, overwrite=overwrite)
+    path = save_random_model(shape, out, seed=seed, prediction_type=prediction_type, overwrite=overwrite,
+                             dtype=dtype, device=device)
     click.echo(f"wrote random {shape} model to {path}")
 
 
