@@ -283,6 +283,8 @@ def test_generate_form_stacks_loras_with_scales_inside_the_workspace(ws):
                                                   (ws.root / "loras/b.safetensors", -0.5)]
     plain, _ = generate_argv(ctx, "runs/a", "final", [], "p", "", 1, 0, 1, 1.0, "dpm++")
     assert "--checkpoint" not in plain and "--lora" not in plain
+    auto, _ = generate_argv(ctx, "runs/a", "final", [], "p", "", 1, 0, 1, None, "auto")  # the family's defaults
+    assert "--guidance" not in auto and "--scheduler" not in auto
     with pytest.raises(UserError, match="outside the workspace"):
         generate_argv(ctx, "runs/a", None, [("../b.safetensors", 1.0)], "p", "", 1, 0, 1, 1.0, "dpm++")
     with pytest.raises(UserError, match="prompt is empty"):

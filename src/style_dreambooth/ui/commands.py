@@ -30,15 +30,20 @@ def sweep_argv(ctx: UIContext, base_run: str, name: str, grid: list[tuple[str | 
 
 
 def generate_argv(ctx: UIContext, model: str, checkpoint: str | None, loras: list[tuple[str, float]], prompt: str,
-                  negative: str, n: int, seed: int, steps: int, guidance: float, scheduler: str) -> tuple[list[str], Path]:
-    """The `style-dreambooth generate` command for the form, every path checked against the workspace."""
+                  negative: str, n: int, seed: int, steps: int, guidance: float | None,
+                  scheduler: str | None) -> tuple[list[str], Path]:
+    """The `style-dreambooth generate` command for the form, every path checked against the workspace; a blank
+    guidance and the 'auto' scheduler leave them to the model's family."""
     if not prompt.strip():
         raise UserError("the prompt is empty; describe what to paint, e.g. 'a boy in yltcaxe artstyle'")
     model_path = ctx.ws.resolve(model or "", "model")
     out = ctx.ws.resolve(Path(GENERATED) / f"{model_path.name}-{time.strftime('%Y%m%d-%H%M%S')}", "output folder")
     argv = ["generate", "--model", str(model_path), "--prompt", prompt, "--negative-prompt", negative or "",
-            "-n", str(int(n)), "--seed", str(int(seed)), "--steps", str(int(steps)), "--guidance", str(float(guidance)),
-            "--scheduler", scheduler, "--out", str(out)]
+            "-n", str(int(n)), "--seed", str(int(seed)), "--steps", str(int(steps)), "--out", str(out)]
+    if guidance is not None:
+        argv += ["--guidance", str(float(guidance))]
+    if scheduler and scheduler != "auto":
+        argv += ["--scheduler", scheduler]
     if checkpoint and checkpoint != "final":
         argv += ["--checkpoint", checkpoint]
     for lora, scale in loras:

@@ -58,8 +58,10 @@ def build(ctx: UIContext) -> dict[str, gr.components.Component]:
         n = gr.Number(4, label="Images", precision=0, minimum=1, maximum=64, elem_id="gen-n")
         seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="gen-seed")
         steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=1000, elem_id="gen-steps")
-        guidance = gr.Number(7.5, label="Guidance", minimum=0, maximum=100, elem_id="gen-guidance")
-        scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm++", label="Scheduler", elem_id="gen-scheduler")
+        guidance = gr.Number(None, label="Guidance (blank: the model's, 7.5; FLUX.1-dev 3.5)", minimum=0, maximum=100,
+                             elem_id="gen-guidance")
+        scheduler = gr.Dropdown(["auto", *SCHEDULERS], value="auto", label="Scheduler (auto: the model's)",
+                                elem_id="gen-scheduler")
     go = gr.Button("Generate", variant="primary", elem_id="gen-start")
     status = gr.Markdown(elem_id="gen-status")
     gallery = gr.Gallery(label="Images (caption: parameters)", columns=4, elem_id="gen-gallery", height=360,

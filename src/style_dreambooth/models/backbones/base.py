@@ -145,7 +145,8 @@ class Backbone:
     @classmethod
     def owns_pipeline_class(cls, class_name: str, unet_config: dict[str, Any]) -> bool:
         """Whether a diffusers folder with this model_index `_class_name` and UNet config is ours."""
-        return class_name in (cls.pipeline_class_name, *cls.folder_class_names) and cls.owns_unet_config(unet_config)
+        names = (cls.pipeline_class_name, *cls.folder_class_names, cls.controlnet_pipeline_class_name)
+        return class_name in names and cls.owns_unet_config(unet_config)
 
     @classmethod
     def owns_unet_config(cls, config: dict[str, Any]) -> bool:
