@@ -50,8 +50,10 @@ def test_full_run_trains_clip_not_t5_and_generates(tmp_path, flux_model, instanc
         assert code == 0, err
         text = Image_text(out / "000000.png")
         assert "Sampler: Euler" in text and "CFG scale: 3.5" in text  # dev's distilled guidance by default
-    code, _, err = run_cli(capsys, "export", run, tmp_path / "style.safetensors")
-    _one_line_error(code, err, "flux", "not available")
+    code, _, err = run_cli(capsys, "export", run, tmp_path / "style.safetensors")  # BFL's layout: test_flux_single_file
+    assert code == 0, err
+    with safe_open(str(tmp_path / "style.safetensors"), "pt") as f:
+        assert "double_blocks.0.img_attn.qkv.weight" in set(f.keys())
 
 
 def Image_text(png: Path) -> str:

@@ -141,7 +141,8 @@ def train(config_file: Path | None, **flags: Any) -> None:
               help="With a run folder: 'best' (after evaluate), 'latest' or step-N instead of the final model.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.ckpt/.bin) models.")
 @click.option("--base-config", default=None,
-              help="With a single-file --model: a diffusers folder or hub id of the same architecture for its configs.")
+              help="With a single-file --model: a diffusers folder or hub id of the same architecture for its configs "
+              "(FLUX.1's transformer-only file also takes its VAE, text encoders and scheduler from it).")
 @click.option("--lora", multiple=True, help="LoRA file to apply, FILE[:SCALE]; repeat to stack several.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the PNGs and grid.png.")
 @click.option("--overwrite", is_flag=True, help="Replace PNGs of the same seeds from an earlier run in --out.")
@@ -295,11 +296,17 @@ def sweep(config_file: Path, grid: tuple[str, ...], runs_file: Path | None, out:
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--to", "fmt", type=click.Choice(["single-file"]), default="single-file", show_default=True)
 @click.option("--checkpoint", default=None, help="Export a checkpoint (latest or step-N) instead of the final model.")
-@click.option("--half", is_flag=True, help="Store fp16 weights (half the size).")
+@click.option("--half", is_flag=True, help="Store half-precision weights (half the size): fp16 for SD 1.x, 2.x and "
+              "SDXL; bf16 for FLUX.1, as BFL ships flux1-dev.safetensors.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.argument("out", type=click.Path(path_type=Path))
 def export(run: Path, fmt: str, checkpoint: str | None, half: bool, overwrite: bool, out: Path) -> None:
-    """Write a full fine-tuned model as one .safetensors in the original SD layout (A1111, ComfyUI)."""
+    """Write a full fine-tuned model as one .safetensors in its original layout (A1111, ComfyUI).
+
+    SD 1.x, 2.x and SDXL: the whole checkpoint (UNet, VAE, text encoders). FLUX.1: the transformer only, in
+    Black Forest Labs' layout, as BFL ships flux1-dev.safetensors (ComfyUI: models/diffusion_models); train
+    --base-model FILE or generate --model FILE read it with --base-config <FLUX.1 diffusers folder or hub id>
+    for the other parts."""
     from .models.single_file import export_single_file
     from .sampling.generate import resolve_model
 

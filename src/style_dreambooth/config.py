@@ -42,7 +42,8 @@ class TrainConfig(BaseModel):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     base_config: str | None = Field(
-        None, description="Diffusers folder or hub id whose config a single-file base model uses."
+        None, description="Diffusers folder or hub id whose config a single-file base model uses (FLUX.1's "
+        "transformer-only file: also its VAE, text encoders and scheduler)."
     )
     allow_pickle: bool = Field(False, description="Allow loading pickle (.ckpt/.bin) base models.")
     backbone: str = Field(

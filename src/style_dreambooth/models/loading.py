@@ -250,12 +250,20 @@ def _load_single_file(
         else:
             kwargs["revision"] = revision
         kwargs["config"] = config
+    elif family.single_file_denoiser_only:
+        raise UserError(
+            f"base model file '{path}' holds the {family.title} {family.denoiser_name} alone (the original "
+            f"release's layout), with no VAE or text encoders; pass --base-config with a {family.title} diffusers "
+            "folder or Hub id for the other parts"
+        )
     if offline:
         kwargs["local_files_only"] = True
 
     try:
         with _offline_guard(offline):
-            return family.pipeline_class().from_single_file(str(path), **kwargs)
+            return family.load_single_file(path, kwargs)
+    except UserError:
+        raise
     except Exception as exc:
         if _caused_by(exc, _hub_access_error_types()):
             logger.debug("single-file config lookup failed: %s", exc)

@@ -16,6 +16,10 @@ and 2.x, Stability's sgm for SDXL) that AUTOMATIC1111's web UI, ComfyUI and diff
   q/k/v fused into ``attn.in_proj_*``, ``positional_embedding``, ``ln_final`` and
   ``text_projection`` as a (width, embed) matrix: SD 2.x, SDXL's second encoder).
 
+FLUX.1's file is the transformer alone, in Black Forest Labs' layout (``flux1-dev.safetensors``: see
+backbones/flux_single_file.py); the family writes it (``Backbone.single_file_state_dict``), this module
+writes the file (atomically, with the same metadata).
+
 Block indices come from the UNet and VAE configs (number of blocks, layers per block, which
 blocks have attention, transformer depth), so any model of a family's structure converts, not
 only the released shapes. Every source tensor is used exactly once; a tensor the converter does
@@ -537,12 +541,18 @@ def _pipeline_source(pipeline: Any) -> str:
     return str(name) if name else "in-memory pipeline"
 
 
-def _modules_to_export(pipeline: Any) -> tuple[type[Backbone], dict[str, torch.nn.Module]]:
-    """The pipeline's family and the modules its single file holds (unwrapped from torch.compile)."""
+def _exporting_family(pipeline: Any) -> type[Backbone]:
+    """The pipeline's family, refused when it has no single-file layout to write."""
     backbone = backbone_of(pipeline)
     if not backbone.has_single_file_export:
         raise UserError(f"export --to single-file is not available for {backbone.family} ({backbone.title}) yet; "
                         "the run's model/ folder is a diffusers folder that diffusers and ComfyUI load as it is")
+    return backbone
+
+
+def _modules_to_export(pipeline: Any) -> tuple[type[Backbone], dict[str, torch.nn.Module]]:
+    """The pipeline's family and the modules its single file holds (unwrapped from torch.compile)."""
+    backbone = _exporting_family(pipeline)
     if getattr(pipeline, "unet", None) is None:
         raise UserError("the pipeline to export has no unet; export a complete Stable Diffusion pipeline")
     modules = {}
@@ -554,6 +564,14 @@ def _modules_to_export(pipeline: Any) -> tuple[type[Backbone], dict[str, torch.n
     return backbone, modules
 
 
+def ldm_state_dict(backbone: type[Backbone], pipeline: Any) -> dict[str, torch.Tensor]:
+    """An SD-family pipeline in the LDM / sgm single-file layout: UNet, VAE and text encoders
+    (:meth:`Backbone.single_file_state_dict` of the SD families)."""
+    _, modules = _modules_to_export(pipeline)
+    state_dicts = {name: module.state_dict() for name, module in modules.items()}
+    return original_state_dict(backbone, state_dicts, modules["unet"].config, modules["vae"].config)
+
+
 def export_single_file(
     pipeline_or_folder: Any,
     out_file: Path,
@@ -563,7 +581,11 @@ def export_single_file(
 ) -> Path:
     """Write a pipeline (or a diffusers folder) of any known family as one original-layout ``.safetensors``.
 
-    ``half`` stores floating-point tensors as fp16 (about 2 GB for SD 1.5 instead of 4 GB).
+    The family gives the layout (:meth:`Backbone.single_file_state_dict`): the SD families' LDM / sgm
+    checkpoint of UNet, VAE and text encoders, FLUX.1's transformer alone in BFL's layout.
+    ``half`` stores floating-point tensors in the family's half precision
+    (:attr:`Backbone.single_file_half_dtype`): fp16 for the SD families (about 2 GB for SD 1.5 instead
+    of 4 GB), bf16 for FLUX.1, as BFL ships it.
     The file is written under a temporary name next to ``out_file`` and renamed into place, so
     a crash never leaves a truncated checkpoint. An existing file is replaced only with
     ``overwrite``. Returns the resolved path.
@@ -583,17 +605,15 @@ def export_single_file(
     else:
         pipeline = pipeline_or_folder
         source = _pipeline_source(pipeline)
-    backbone, modules = _modules_to_export(pipeline)
-
-    state_dicts = {name: module.state_dict() for name, module in modules.items()}
-    state = original_state_dict(backbone, state_dicts, modules["unet"].config, modules["vae"].config)
+    backbone = _exporting_family(pipeline)
+    state = backbone.single_file_state_dict(pipeline)
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if tensor.device.type == "meta":
             raise UserError(f"the pipeline to export has no weights for {key!r} (it is on the meta device)")
         tensor = tensor.detach().to("cpu")
         if half and tensor.is_floating_point():
-            tensor = tensor.to(torch.float16)
+            tensor = tensor.to(backbone.single_file_half_dtype)
         tensors[key] = tensor.contiguous()
 
     scheduler_config = getattr(getattr(pipeline, "scheduler", None), "config", None) or {}
@@ -603,7 +623,7 @@ def export_single_file(
         "format": "pt",
         "source": source,
         "producer": PRODUCER,
-        "architecture": backbone.modelspec(prediction_type),
+        "architecture": backbone.single_file_architecture(pipeline),
         # What was stored: half=False keeps the pipeline's own dtype (fp32 normally).
         "dtype": ",".join(sorted(float_dtypes)),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +28,9 @@ def _extra_key(cfg: TrainConfig) -> dict:
     extra = {} if cfg.backbone == SD1.family else {"family": cfg.backbone}
     if cfg.vae:
         extra["vae"] = model_identity(cfg.vae)
+    if cfg.base_config and get(cfg.backbone).single_file_denoiser_only and Path(cfg.base_model).expanduser().is_file():
+        # A FLUX.1 transformer file draws with --base-config's VAE and text encoders.
+        extra["base_config"] = model_identity(cfg.base_config, cfg.revision)
     return extra
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,25 @@ def single_file_keys(path: Path) -> set[str]:
         raise UserError(f"base model file '{path}' is not a readable .safetensors file (damaged or truncated?)") from None
 
 
+_LORA_NAME = re.compile(r"(^|[._])lora", re.IGNORECASE)
+
+
+def _is_lora(keys: set[str]) -> bool:
+    """LoRA tensor names: kohya's (``lora_unet_``, ``.lora_down.``), peft's / diffusers' (``.lora_A.``), XLabs'
+    (``.qkv_lora1.``) or a layout a family claims."""
+    return any(_LORA_NAME.search(k) for k in keys) or any(b.owns_lora(keys) for b in FAMILIES.values())
+
+
 def single_file_family(path: Path) -> type[Backbone]:
-    """The family of a .safetensors checkpoint; refused if it is unreadable or holds no SD UNet (a LoRA,
-    an embedding, a VAE)."""
+    """The family of a .safetensors checkpoint, from the family that claims its tensor names (an LDM
+    UNet under ``model.diffusion_model.``, FLUX.1's transformer in BFL's layout); refused if it is
+    unreadable or holds no model a family claims (a LoRA, an embedding, a VAE)."""
     keys = single_file_keys(path)
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        kind = "a LoRA (pass it to generate --lora)" if any(k.startswith("lora_") for k in keys) else "not a full model"
+    claimed = any(b.owns_single_file(keys) for b in FAMILIES.values())
+    if not claimed and (_is_lora(keys) or not any(k.startswith("model.diffusion_model.") for k in keys)):
+        kind = "a LoRA (pass it to generate --lora)" if _is_lora(keys) else "not a full model"
         raise UserError(
-            f"base model file '{path}' holds no Stable Diffusion UNet weights: it is {kind}; "
+            f"base model file '{path}' holds no model weights of a family we know ({known()}): it is {kind}; "
             "pass a full checkpoint, a diffusers folder or a Hub id"
         )
     return family_of_single_file(keys, f"base model file '{path}'")

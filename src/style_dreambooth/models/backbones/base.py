@@ -107,6 +107,11 @@ class Backbone:
         "text_encoder": ("cond_stage_model.transformer.", "openai"),
     }
     has_single_file_export: ClassVar[bool] = True  # export --to single-file writes the original layout
+    # The original single file holds the denoiser alone (BFL's flux1-dev.safetensors): loading one needs
+    # --base-config for the VAE, text encoders, tokenizers and scheduler, whose weights then shape images too.
+    single_file_denoiser_only: ClassVar[bool] = False
+    # What `export --half` stores: the half precision the family's own releases ship in.
+    single_file_half_dtype: ClassVar[torch.dtype] = torch.float16
     kohya_base_version: ClassVar[str]  # ss_base_model_version in a kohya LoRA's metadata
     modelspec_architecture: ClassVar[str]
     # Random-weight shapes this family can build: name -> () -> components (see random_model.py).
@@ -157,6 +162,28 @@ class Backbone:
     def owns_single_file(cls, keys: set[str]) -> bool:
         """Whether an original-layout checkpoint with these tensor names is ours."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ single files
+
+    @classmethod
+    def load_single_file(cls, path: Path, kwargs: dict[str, Any]):
+        """The pipeline of an original-layout checkpoint; ``kwargs`` are ``from_single_file``'s (``config``,
+        ``dtype``, ``local_files_only``, ``revision``)."""
+        return cls.pipeline_class().from_single_file(str(path), **kwargs)
+
+    @classmethod
+    def single_file_state_dict(cls, pipe) -> dict[str, torch.Tensor]:
+        """The pipeline's weights in the family's original single-file layout (``export --to single-file``):
+        for the SD families the LDM / sgm checkpoint of UNet, VAE and text encoders (models/single_file.py)."""
+        from ..single_file import ldm_state_dict
+
+        return ldm_state_dict(cls, pipe)
+
+    @classmethod
+    def single_file_architecture(cls, pipe) -> str:
+        """The modelspec architecture an exported file of this pipeline declares."""
+        scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", None) or {}
+        return cls.modelspec(scheduler_config.get("prediction_type"))
 
     # ------------------------------------------------------------------ components
 

@@ -12,6 +12,9 @@ What this family owns:
   guidance-distilled and gets a guidance value (3.5 in training, as diffusers' script), schnell has
   none;
 * its text encoders: CLIP-L may train (LoRA or full), T5 never;
+* its single file: the transformer alone in BFL's layout (flux_single_file.py), as ``flux1-dev.safetensors``
+  ships, which ComfyUI's diffusion-model loader and diffusers' ``from_single_file`` read; loading one takes
+  the other parts from --base-config;
 * its LoRA file: kohya sd-scripts' layout on BFL's module names with fused projections, which ComfyUI
   and Forge load (flux_lora.py), CLIP-L's layers under ``lora_te1_``.
 """
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from ...errors import UserError
-from . import flux_lora
+from . import flux_lora, flux_single_file
 from .base import Adapter, Backbone, ImageSize, PromptEmbeds
 from .objectives import FlowMatchingObjective, SigmaSchedule
 from .random_parts import clip_text_config
@@ -142,7 +145,8 @@ class FLUX(Backbone):
     frozen_text_encoders = {"text_encoder_2": T5_WHY}
     tokenizer_names = ("tokenizer", "tokenizer_2")
     lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
-    has_single_file_export = False  # BFL's layout: not written yet
+    single_file_denoiser_only = True  # BFL's flux1-dev.safetensors: the transformer alone
+    single_file_half_dtype = torch.bfloat16  # as BFL ships FLUX.1 (fp16 overflows its activations)
     kohya_base_version = "flux1"
     modelspec_architecture = "flux-1-dev"
     shapes = {"flux-tiny": flux_tiny, "flux-schnell-tiny": flux_schnell_tiny, "flux-dev": flux_dev}
@@ -159,7 +163,54 @@ class FLUX(Backbone):
 
     @classmethod
     def owns_single_file(cls, keys: set[str]) -> bool:
-        return any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)
+        """BFL's transformer file (``double_blocks.``, ``img_in`` ... with no prefix) or ComfyUI's checkpoint
+        (the same under ``model.diffusion_model.``); not FLUX.2, Chroma or a LoRA in BFL names."""
+        return flux_single_file.is_bfl_transformer(keys)
+
+    # ------------------------------------------------------------------ single files
+
+    @classmethod
+    def load_single_file(cls, path: Path, kwargs: dict[str, Any]):
+        """The transformer from the file (BFL's or ComfyUI's names, any block sizes) through diffusers'
+        ``FluxTransformer2DModel.from_single_file`` with ``config``'s transformer config; the VAE, text
+        encoders, tokenizers and scheduler from the ``config`` pipeline. A ComfyUI checkpoint's own VAE
+        and text encoders are not read (a warning names them)."""
+        import logging
+
+        from diffusers import FluxTransformer2DModel
+        from safetensors.torch import load_file
+
+        state, left_out = flux_single_file.transformer_tensors(load_file(str(path)))
+        if left_out:
+            logging.getLogger(__name__).warning(
+                "%s: %d tensors beside the transformer (e.g. %s) are not read; the VAE and text encoders come "
+                "from --base-config", path.name, len(left_out), left_out[0])
+        config, dtype = kwargs["config"], kwargs.get("dtype")
+        common = {k: kwargs[k] for k in ("local_files_only",) if k in kwargs}
+        converted = flux_single_file.from_bfl(state)
+        revision = kwargs.get("revision")
+        model_config = FluxTransformer2DModel.load_config(config, subfolder="transformer", revision=revision, **common)
+        with torch.device("meta"):
+            expected = FluxTransformer2DModel.from_config(model_config).state_dict()
+        _check_fits(converted, expected)
+        transformer = FluxTransformer2DModel.from_single_file(
+            converted, config=config, subfolder="transformer", dtype=dtype, config_revision=revision, **common)
+        pipe = cls.pipeline_class().from_pretrained(
+            config, transformer=transformer, revision=revision,
+            **({"dtype": dtype} if dtype is not None else {}), **common)
+        if dtype is None and transformer.dtype != pipe.text_encoder.dtype:  # match the prompt embeddings' precision
+            transformer.to(pipe.text_encoder.dtype)
+        return pipe
+
+    @classmethod
+    def single_file_state_dict(cls, pipe) -> dict[str, torch.Tensor]:
+        """The transformer alone in BFL's layout, as ``flux1-dev.safetensors``."""
+        transformer = cls.denoiser(pipe)
+        return flux_single_file.to_bfl(getattr(transformer, "_orig_mod", transformer).state_dict())
+
+    @classmethod
+    def single_file_architecture(cls, pipe) -> str:
+        return "flux-1-dev" if cls.denoiser(pipe).config.guidance_embeds else "flux-1-schnell"
 
     @classmethod
     def default_image_size(cls, pipe) -> int:
@@ -280,6 +331,20 @@ class FLUX(Backbone):
     @classmethod
     def owns_lora(cls, keys: set[str]) -> bool:
         return flux_lora.is_flux_lora(keys)
+
+
+def _check_fits(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """ValueError unless a converted file has exactly the config's transformer tensors, each of its shape
+    (diffusers would leave missing ones on the meta device and drop extra ones)."""
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        name, how = (missing[0], "the file lacks") if missing else (extra[0], "the config's transformer has no")
+        raise ValueError(f"{how} {name} ({len(missing) or len(extra)} tensors): the file and the config are not the "
+                         "same FLUX.1 model (dev has a guidance embedding, schnell none)")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"the file's {name} is {tuple(tensor.shape)}, the config's transformer wants "
+                             f"{tuple(expected[name].shape)}: the file and the config are not the same FLUX.1 size")
 
 
 def _linear_paths(model: torch.nn.Module) -> list[str]:
