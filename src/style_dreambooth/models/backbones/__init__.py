@@ -19,8 +19,9 @@ from .sd1 import SD1
 from .sd2 import SD2
 from .flux import FLUX
 from .sdxl import SDXL
+from .sd3 import SD3
 
-FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SD1, SD2, SDXL, FLUX)}
+FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SD1, SD2, SDXL, FLUX, SD3)}
 CHOICES = ("auto", *FAMILIES)
 
 __all__ = [
