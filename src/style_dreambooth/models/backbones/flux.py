@@ -29,7 +29,7 @@ import torch
 from ...errors import UserError
 from . import flux_lora, flux_single_file
 from .base import Adapter, Backbone, ImageSize, PromptEmbeds
-from .objectives import FlowMatchingObjective, SigmaSchedule
+from .objectives import flow_matching_objective
 from .random_parts import clip_text_config
 
 FLUX_VAE = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
@@ -222,23 +222,10 @@ class FLUX(Backbone):
 
     @classmethod
     def objective(cls, cfg, scheduler_config: dict[str, Any], device: torch.device):
-        for name in ("snr_gamma", "max_timestep"):
-            if getattr(cfg, name) is not None:
-                raise UserError(f"--{name.replace('_', '-')} is for the DDPM families (sd1, sd2, sdxl); {cls.title} "
-                                "trains by flow matching: see --timestep-sampling, --flow-shift, --weighting-scheme")
-        if cfg.min_timestep:
-            raise UserError(f"--min-timestep is for the DDPM families (sd1, sd2, sdxl); {cls.title} trains by flow "
-                            "matching: see --timestep-sampling and --flow-shift")
         shift = cfg.flow_shift if cfg.flow_shift is not None else 1.0
-        schedule = SigmaSchedule(
-            sampling=cfg.timestep_sampling or "uniform", logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-            mode_scale=cfg.mode_scale, logsnr_mean=cfg.logsnr_mean, logsnr_std=cfg.logsnr_std,
-            shift=1.0 if shift == "resolution" else float(shift), shift_by_resolution=shift == "resolution",
-            base_shift=scheduler_config.get("base_shift", 0.5), max_shift=scheduler_config.get("max_shift", 1.15),
-            base_tokens=scheduler_config.get("base_image_seq_len", 256),
-            max_tokens=scheduler_config.get("max_image_seq_len", 4096),
-        )
-        return FlowMatchingObjective(schedule, cfg.weighting_scheme or "none")
+        return flow_matching_objective(cfg, cls.title, scheduler_config, "uniform",
+                                       shift=1.0 if shift == "resolution" else float(shift),
+                                       shift_by_resolution=shift == "resolution")
 
     @classmethod
     def image_tokens(cls, latents: torch.Tensor) -> int:

@@ -21,6 +21,8 @@ from typing import Protocol
 
 import torch
 
+from ...errors import UserError
+
 SIGMA_SAMPLINGS = ("uniform", "logit_normal", "mode", "logsnr")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
@@ -184,3 +186,26 @@ class FlowMatchingObjective:
         if self.weighting == "cosmap":
             return 2.0 / (math.pi * (1.0 - 2.0 * sigmas.float() + 2.0 * sigmas.float() ** 2))
         return None
+
+
+def flow_matching_objective(cfg, title: str, scheduler_config: dict, sampling: str, shift: float,
+                            shift_by_resolution: bool = False) -> FlowMatchingObjective:
+    """A flow-matching family's objective from the run's config: the DDPM-only options refused naming the
+    family, the sigma density (``sampling`` unless --timestep-sampling says otherwise) and its parameters,
+    the shift the family settled, the resolution shift's range from the scheduler config, the weighting."""
+    for name in ("snr_gamma", "max_timestep"):
+        if getattr(cfg, name) is not None:
+            raise UserError(f"--{name.replace('_', '-')} is for the DDPM families (sd1, sd2, sdxl); {title} "
+                            "trains by flow matching: see --timestep-sampling, --flow-shift, --weighting-scheme")
+    if cfg.min_timestep:
+        raise UserError(f"--min-timestep is for the DDPM families (sd1, sd2, sdxl); {title} trains by flow "
+                        "matching: see --timestep-sampling and --flow-shift")
+    schedule = SigmaSchedule(
+        sampling=cfg.timestep_sampling or sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+        mode_scale=cfg.mode_scale, logsnr_mean=cfg.logsnr_mean, logsnr_std=cfg.logsnr_std,
+        shift=shift, shift_by_resolution=shift_by_resolution,
+        base_shift=scheduler_config.get("base_shift", 0.5), max_shift=scheduler_config.get("max_shift", 1.15),
+        base_tokens=scheduler_config.get("base_image_seq_len", 256),
+        max_tokens=scheduler_config.get("max_image_seq_len", 4096),
+    )
+    return FlowMatchingObjective(schedule, cfg.weighting_scheme or "none")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from .base import Adapter, Backbone, ImageSize, PromptEmbeds
-from .objectives import FlowMatchingObjective, SigmaSchedule
+from .objectives import flow_matching_objective
 from .random_parts import clip_text_config
 
 SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
@@ -202,24 +202,13 @@ class SD3(Backbone):
     def objective(cls, cfg, scheduler_config: dict[str, Any], device: torch.device):
         """Logit-normal sigma with the scheduler's static shift (3) unless --timestep-sampling / --flow-shift say
         otherwise; the velocity target (module docstring)."""
-        for name in ("snr_gamma", "max_timestep"):
-            if getattr(cfg, name) is not None:
-                raise UserError(f"--{name.replace('_', '-')} is for the DDPM families (sd1, sd2, sdxl); {cls.title} "
-                                "trains by flow matching: see --timestep-sampling, --flow-shift, --weighting-scheme")
-        if cfg.min_timestep:
-            raise UserError(f"--min-timestep is for the DDPM families (sd1, sd2, sdxl); {cls.title} trains by flow "
-                            "matching: see --timestep-sampling and --flow-shift")
         if cfg.flow_shift == "resolution":
             raise UserError(f"--flow-shift resolution is FLUX.1's shift by image size; {cls.title} trains with a "
                             f"static shift (its scheduler's, {scheduler_config.get('shift', DEFAULT_SHIFT):g}): "
                             "pass a number or drop the option")
         shift = float(cfg.flow_shift) if cfg.flow_shift is not None else float(
             scheduler_config.get("shift", DEFAULT_SHIFT))
-        schedule = SigmaSchedule(
-            sampling=cfg.timestep_sampling or "logit_normal", logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-            mode_scale=cfg.mode_scale, logsnr_mean=cfg.logsnr_mean, logsnr_std=cfg.logsnr_std, shift=shift,
-        )
-        return FlowMatchingObjective(schedule, cfg.weighting_scheme or "none")
+        return flow_matching_objective(cfg, cls.title, scheduler_config, "logit_normal", shift=shift)
 
     @classmethod
     def image_tokens(cls, latents: torch.Tensor) -> int:
